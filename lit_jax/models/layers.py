@@ -1,0 +1,298 @@
+"""Building blocks shared by the LIT backbones.
+
+Every block here reproduces the PyTorch original's arithmetic (ziplab/LIT, detection branch) so converted
+weights give the same numbers; see ``shared/parity_spec.md`` §12 and §14. Layout conventions:
+
+* token sequences are ``(B, N, C)`` with tokens in row-major (y, x) order, as ``x.flatten(2).transpose(1, 2)``
+  gives them in PyTorch;
+* feature maps are NHWC ``(B, H, W, C)``;
+* parameters are float32; ``dtype`` is the compute dtype.
+
+Submodule and parameter names follow the original ``state_dict`` keys (``mlp.fc1``, ``attn.qkv``, ``norm2``,
+``dconv.conv_offset``, ``norm_layer``, ...) so that the converter maps a key to a Flax path mechanically:
+``block1.0.mlp.fc1.weight`` -> ``params/block1_0/mlp/fc1/kernel``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lit_jax.ops.deform_conv import deform_conv2d
+
+Dtype = Any
+
+# PyTorch's nn.GELU() is the exact erf form; flax/jax default to the tanh approximation.
+gelu = functools.partial(jax.nn.gelu, approximate=False)
+
+# torch.nn.Linear / nn.Conv2d initialisation is irrelevant for parity (weights are converted), but training
+# from scratch follows the original's timm init for Linear layers: trunc_normal(0.02), zero bias.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (timm ``Mlp`` with dropout 0). Input and output ``(..., C)``."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        out_dim = x.shape[-1]
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+        x = gelu(x)
+        return nn.Dense(out_dim, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm ``DropPath``): drops the residual branch and scales by 1/keep.
+
+    Uses the ``'dropout'`` RNG stream; a no-op when ``deterministic`` or ``rate == 0``.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, mask_shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MLPBlock(nn.Module):
+    """LIT's attention-free block (stages 1-2): ``x + drop_path(mlp(norm2(x)))``. There is no norm1."""
+
+    mlp_ratio: float
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """x: ``(B, N, C)`` tokens -> ``(B, N, C)``."""
+        c = x.shape[-1]
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm2")(x)
+        y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+        return x + DropPath(self.drop_path, name="drop_path")(y, deterministic=not train)
+
+
+class GlobalAttention(nn.Module):
+    """Global multi-head self-attention with a fused ``qkv`` projection.
+
+    ``bias_mode='none'`` is LIT-Ti's (PVT-style) attention: ``softmax((q @ k^T) * hd^-0.5) @ v``.
+    ``bias_mode='relative'`` is LIT-S's: ``softmax((q * hd^-0.5) @ k^T + B) @ v``, where B comes from a learned
+    ``relative_position_bias_table`` of shape ``((2R-1)^2, heads)`` that is bicubically resized at every call to
+    the ``(2H-1, 2W-1)`` offsets of the current ``H x W`` token grid (see :func:`relative_position_bias`).
+    """
+
+    num_heads: int
+    bias_mode: str = "none"  # 'none' | 'relative'
+    table_size: int = 0  # R: the table covers offsets in [-(R-1), R-1] along each axis
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, hw: tuple[int, int]):
+        """x: ``(B, N, C)`` tokens of a row-major ``hw = (H, W)`` grid, ``N = H*W`` -> ``(B, N, C)``."""
+        b, n, c = x.shape
+        hd = c // self.num_heads
+        scale = hd**-0.5
+        qkv = nn.Dense(3 * c, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+        # (B, N, 3, heads, hd) as torch's reshape, then split.
+        qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, hd)
+        if self.bias_mode == "none":
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        elif self.bias_mode == "relative":
+            side = 2 * self.table_size - 1
+            table = self.param(
+                "relative_position_bias_table",
+                nn.initializers.truncated_normal(stddev=0.02),
+                (side * side, self.num_heads),
+            )
+            bias = relative_position_bias(table, self.table_size, hw)  # (heads, N, N)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k) + bias.astype(q.dtype)[None]
+        else:
+            raise ValueError(f"unknown bias_mode {self.bias_mode!r}")
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
+        return nn.Dense(c, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+
+
+def relative_position_index(hw: tuple[int, int]):
+    """The original's gather index for an ``H x W`` grid: ``(N, N)`` int32, N = H*W.
+
+    ``index[a, b] = (ha - hb + H - 1) * (2W - 1) + (wa - wb + W - 1)`` for row-major tokens a, b.
+    Computed with numpy at trace time (static shapes).
+    """
+    import numpy as np
+
+    h, w = hw
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dy = ys[:, None] - ys[None, :] + h - 1
+    dx = xs[:, None] - xs[None, :] + w - 1
+    return (dy * (2 * w - 1) + dx).astype(np.int32)
+
+
+def relative_position_bias(table, table_size: int, hw: tuple[int, int]):
+    """LIT-S attention bias for the current grid.
+
+    Args:
+      table: ``((2R-1)^2, heads)`` learned table; row ``r * (2R-1) + c`` holds offset ``(r - R + 1, c - R + 1)``.
+      table_size: R.
+      hw: the ``(H, W)`` token grid.
+    Returns:
+      ``(heads, N, N)`` float32 bias: the table viewed as ``(2R-1, 2R-1, heads)``, resized with torch-compatible
+      bicubic (A=-0.75, align_corners=False, clamped taps) to ``(2H-1, 2W-1)``, gathered with
+      :func:`relative_position_index`.
+    """
+    from lit_jax.ops.interpolate import resize_bicubic
+
+    side = 2 * table_size - 1
+    h, w = hw
+    grid = table.astype(jnp.float32).reshape(side, side, -1)
+    grid = resize_bicubic(grid, (2 * h - 1, 2 * w - 1))
+    flat = grid.reshape((2 * h - 1) * (2 * w - 1), -1)
+    index = relative_position_index(hw)
+    return jnp.transpose(flat[index], (2, 0, 1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block: ``x + attn(norm1 x)``, then ``x + mlp(norm2 x)`` (with drop path on both)."""
+
+    num_heads: int
+    mlp_ratio: float
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+    bias_mode: str = "none"
+    table_size: int = 0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, hw: tuple[int, int], train: bool = False):
+        """x: ``(B, N, C)`` tokens of the row-major grid ``hw`` -> ``(B, N, C)``."""
+        c = x.shape[-1]
+        drop = DropPath(self.drop_path, name="drop_path")
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm1")(x)
+        y = GlobalAttention(
+            self.num_heads, self.bias_mode, self.table_size, dtype=self.dtype, name="attn"
+        )(y, hw)
+        x = x + drop(y, deterministic=not train)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm2")(x)
+        y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+        return x + drop(y, deterministic=not train)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d over NHWC maps with PyTorch semantics, and optional per-group batch statistics.
+
+    * eval: ``(x - running_mean) / sqrt(running_var + eps) * scale + bias``;
+    * train: normalises with the biased variance of the batch, and updates the running statistics with
+      PyTorch's ``momentum`` (0.1: ``new = 0.9 * old + 0.1 * batch``) and the **unbiased** variance, as torch does;
+    * ``group_size``: when set, statistics are computed over consecutive groups of that many images (the
+      original normalises per GPU over its own 2 images); the running statistics are updated with the mean of
+      the groups' statistics. ``None`` uses the whole batch (under ``jit`` with a sharded batch, that is the
+      global batch).
+
+    Variables: ``params/{scale,bias}``, ``batch_stats/{mean,var}`` (torch ``weight, bias, running_mean,
+    running_var``).
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    group_size: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        x32 = x.astype(jnp.float32)
+        if use_running_average:
+            inv = jax.lax.rsqrt(running_var.value + self.epsilon)
+            y = (x32 - running_mean.value) * inv * scale + bias
+            return y.astype(self.dtype)
+        b = x.shape[0]
+        g = self.group_size or b
+        if b % g:
+            raise ValueError(f"BatchNorm: batch {b} is not a multiple of the statistics group size {g}")
+        xg = x32.reshape((b // g, g) + x.shape[1:])
+        axes = tuple(range(1, xg.ndim - 1))
+        mean = jnp.mean(xg, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+        y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        if not self.is_initializing():
+            count = g * x.shape[1] * x.shape[2]
+            unbiased = var * (count / max(count - 1, 1))
+            m = self.momentum
+            running_mean.value = (1 - m) * running_mean.value + m * jnp.mean(mean, axis=(0,) + axes)
+            running_var.value = (1 - m) * running_var.value + m * jnp.mean(unbiased, axis=(0,) + axes)
+        return y.reshape(x.shape).astype(self.dtype)
+
+
+class DeformConv(nn.Module):
+    """DCNv1 (mmcv ``DeformConv2dPack``, one group): a plain conv predicts the offsets, then a deformable conv.
+
+    Params: ``kernel (kh, kw, Cin, Cout)`` HWIO, ``bias (Cout,)``, and ``conv_offset/{kernel, bias}`` producing
+    ``2*kh*kw`` channels laid out as (dy, dx) per tap ``i*kw + j``. The offset conv is zero-initialised, as in
+    the original, so a fresh module is a plain strided conv. The deformable sampling runs in float32.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """x: ``(B, H, W, Cin)`` -> ``(B, Ho, Wo, features)`` with ``Ho = (H - kh)//sh + 1`` (no padding)."""
+        kh, kw = self.kernel_size
+        cin = x.shape[-1]
+        offsets = nn.Conv(
+            2 * kh * kw,
+            self.kernel_size,
+            strides=self.stride,
+            padding="VALID",
+            kernel_init=nn.initializers.zeros,
+            dtype=jnp.float32,
+            name="conv_offset",
+        )(x.astype(jnp.float32))
+        kernel = self.param(
+            "kernel", nn.initializers.kaiming_uniform(), (kh, kw, cin, self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = deform_conv2d(x.astype(jnp.float32), offsets, kernel, bias, stride=self.stride, padding=(0, 0))
+        return y.astype(self.dtype)
+
+
+class DeformableTokenMerging(nn.Module):
+    """LIT's DTM: DeformConv 2x2/2 -> BatchNorm2d -> exact GELU. NHWC in, NHWC out at half resolution."""
+
+    features: int
+    bn_group_size: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = DeformConv(self.features, dtype=self.dtype, name="dconv")(x)
+        x = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name="norm_layer")(
+            x, use_running_average=not train
+        )
+        return gelu(x)
+
+
+def maybe_remat(block_cls: type[nn.Module], use_checkpoint: bool, static_argnums: tuple[int, ...]) -> Callable:
+    """``nn.remat`` (activation checkpointing, the original's ``use_checkpoint``) when asked."""
+    if not use_checkpoint:
+        return block_cls
+    return nn.remat(block_cls, static_argnums=static_argnums)
