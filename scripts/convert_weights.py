@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Converts a PyTorch LIT checkpoint (.pth) into an orbax checkpoint of Flax variables.
+
+    python scripts/convert_weights.py --model lit_ti --src lit_ti.pth --dst weights/lit_ti
+    python scripts/convert_weights.py --model lit_s  --src lit_s.pth  --dst weights/lit_s
+
+The .pth is read without torch and without executing code from it. Every key is accounted for: the
+classifier-only keys are reported as dropped; any other unexpected, missing or mis-shaped key stops the
+conversion with the list. The output folder holds ``variables/`` (orbax) and ``conversion.json`` (the report);
+point a config's ``model.pretrained`` at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lit_jax.convert.lit import convert_backbone  # noqa: E402
+from lit_jax.convert.mapping import ConversionError  # noqa: E402
+from lit_jax.convert.store import save_variables  # noqa: E402
+from lit_jax.convert.torch_reader import CheckpointFormatError, UnsafeCheckpointError, extract_state_dict, read_pth  # noqa: E402
+from lit_jax.models.registry import backbone_names, build_backbone  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=backbone_names(), help="architecture of the checkpoint")
+    parser.add_argument("--src", required=True, help="the PyTorch .pth file")
+    parser.add_argument("--dst", required=True, help="output folder (must not hold a converted checkpoint yet)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    try:
+        state_dict = extract_state_dict(read_pth(args.src), args.src)
+        prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
+        variables, report = convert_backbone(state_dict, build_backbone(args.model), source=args.src, prefix=prefix)
+    except (FileNotFoundError, ConversionError, CheckpointFormatError, UnsafeCheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    dst = save_variables(args.dst, variables, {"model": args.model, **dataclasses.asdict(report)})
+    print(f"wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
