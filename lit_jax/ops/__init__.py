@@ -1,10 +1,14 @@
+"""Pure, jit-able array ops with mmdetection 2.x / PyTorch semantics (shapes in each docstring)."""
+
+from lit_jax.ops.anchors import (
+    AnchorConfig, base_anchors, feature_sizes, grid_anchors, multilevel_anchors, multilevel_valid_flags,
+    retinanet_anchor_config, rpn_anchor_config, valid_flags,
+)
+from lit_jax.ops.assign import AssignResult, SampleResult, max_iou_assign, random_sample
+from lit_jax.ops.boxes import box_iou, clip_boxes, decode_deltas, encode_deltas
 from lit_jax.ops.deform_conv import deform_conv2d
-from lit_jax.ops.interpolate import resize_bilinear, resize_bicubic, bilinear_weights, bicubic_weights
-from lit_jax.ops.boxes import box_iou, encode_deltas, decode_deltas, clip_boxes
-from lit_jax.ops.anchors import (AnchorConfig, base_anchors, grid_anchors, multilevel_anchors,
-                                 retinanet_anchor_config, rpn_anchor_config, valid_flags,
-                                 multilevel_valid_flags, feature_sizes)
-from lit_jax.ops.assign import max_iou_assign, random_sample, AssignResult, SampleResult
-from lit_jax.ops.losses import (sigmoid_focal_loss, l1_loss, binary_cross_entropy_with_logits,
-                                softmax_cross_entropy, retinanet_normalizer)
-from lit_jax.ops.nms import batched_nms, multiclass_nms, topk_per_level, Detections
+from lit_jax.ops.interpolate import bicubic_weights, bilinear_weights, resize_bicubic, resize_bilinear
+from lit_jax.ops.losses import (
+    binary_cross_entropy_with_logits, l1_loss, retinanet_normalizer, sigmoid_focal_loss, softmax_cross_entropy,
+)
+from lit_jax.ops.nms import Detections, batched_nms, multiclass_nms, topk_per_level
