@@ -3,6 +3,7 @@
 
     python scripts/convert_weights.py --model lit_ti --src lit_ti.pth --dst weights/lit_ti
     python scripts/convert_weights.py --model lit_s  --src lit_s.pth  --dst weights/lit_s
+    python scripts/convert_weights.py --model retinanet_lit_ti --src retinanet_lit_ti_1x.pth --dst weights/retina_ti
 
 The .pth is read without torch and without executing code from it. Every key is accounted for: the
 classifier-only keys are reported as dropped; any other unexpected, missing or mis-shaped key stops the
@@ -21,24 +22,40 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lit_jax.convert.lit import convert_backbone  # noqa: E402
+from lit_jax.convert.mmdet import convert_detector  # noqa: E402
 from lit_jax.convert.mapping import ConversionError  # noqa: E402
 from lit_jax.convert.store import save_variables  # noqa: E402
 from lit_jax.convert.torch_reader import CheckpointFormatError, UnsafeCheckpointError, extract_state_dict, read_pth  # noqa: E402
-from lit_jax.models.registry import backbone_names, build_backbone  # noqa: E402
+from lit_jax.models.registry import backbone_names, build_backbone, build_detector  # noqa: E402
+
+# Released mmdet detectors: name -> the model section of its config.
+DETECTORS = {
+    "retinanet_lit_ti": {"type": "retinanet", "backbone": "lit_ti"},
+    "retinanet_lit_s": {"type": "retinanet", "backbone": "lit_s"},
+}
+
+
+def convert(model: str, src: str):
+    """Reads ``src`` and converts it for ``model``; returns (variables, report)."""
+    raw = read_pth(src, allow_unknown_as_placeholder=model in DETECTORS)
+    state_dict = extract_state_dict(raw, src)
+    if model in DETECTORS:
+        return convert_detector(state_dict, build_detector(DETECTORS[model]), source=src)
+    prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
+    return convert_backbone(state_dict, build_backbone(model), source=src, prefix=prefix)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=backbone_names(), help="architecture of the checkpoint")
+    parser.add_argument("--model", required=True, choices=backbone_names() + sorted(DETECTORS),
+                        help="architecture of the checkpoint: a backbone (ImageNet weights) or a released detector")
     parser.add_argument("--src", required=True, help="the PyTorch .pth file")
     parser.add_argument("--dst", required=True, help="output folder (must not hold a converted checkpoint yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     try:
-        state_dict = extract_state_dict(read_pth(args.src), args.src)
-        prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
-        variables, report = convert_backbone(state_dict, build_backbone(args.model), source=args.src, prefix=prefix)
+        variables, report = convert(args.model, args.src)
     except (FileNotFoundError, ConversionError, CheckpointFormatError, UnsafeCheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

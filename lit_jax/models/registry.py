@@ -36,3 +36,60 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for backbone {name!r}; known: {sorted(fields)}")
     return cls(**overrides)
+
+
+# Model config keys understood by build_detector (ml_collections ConfigDict or a plain mapping).
+_DETECTOR_KEYS = {"type", "backbone", "backbone_args", "num_classes", "fpn_channels", "head", "train_test", "dtype"}
+
+
+def _as_dict(node: Any) -> dict:
+    if node is None:
+        return {}
+    if hasattr(node, "to_dict"):
+        return node.to_dict()
+    return dict(node)
+
+
+def build_detector(config: Any):
+    """Builds a detector from a config (``config.model`` or the model section itself).
+
+    Model section fields:
+      type: ``'retinanet'``.
+      backbone: ``'lit_ti'`` | ``'lit_s'``; backbone_args: overrides for :func:`build_backbone`.
+      num_classes (80), fpn_channels (256), dtype (``'float32'`` | ``'bfloat16'``).
+      head: RetinaHead fields (``feat_channels``, ``stacked_convs``).
+      train_test: fields of :class:`lit_jax.models.retinanet.RetinaNetConfig` (assigner thresholds, focal
+        parameters, ``loss_group_size``, ``nms_pre``, ``score_thr``, ``iou_thr``, ``max_per_img``).
+    An unknown key anywhere is a ValueError naming it.
+    """
+    import jax.numpy as jnp
+
+    from lit_jax.models.fpn import FPN
+    from lit_jax.models.retinanet import RetinaHead, RetinaNet, RetinaNetConfig, RetinaNetModule
+
+    model_cfg = _as_dict(config["model"] if "model" in config else config)
+    unknown = sorted(set(model_cfg) - _DETECTOR_KEYS)
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {unknown}; known: {sorted(_DETECTOR_KEYS)}")
+    kind = model_cfg.get("type", "retinanet")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
+    num_classes = int(model_cfg.get("num_classes", 80))
+    backbone_args = _as_dict(model_cfg.get("backbone_args"))
+    backbone_args.setdefault("dtype", dtype)
+    backbone = build_backbone(model_cfg.get("backbone", "lit_ti"), **backbone_args)
+    if kind != "retinanet":
+        raise ValueError(f"unknown detector type {kind!r}; known: ['retinanet']")
+    head_args = _as_dict(model_cfg.get("head"))
+    unknown = sorted(set(head_args) - {"feat_channels", "stacked_convs"})
+    if unknown:
+        raise ValueError(f"unknown model.head key(s) {unknown}; known: ['feat_channels', 'stacked_convs']")
+    tt_args = _as_dict(model_cfg.get("train_test"))
+    tt_fields = set(RetinaNetConfig.__dataclass_fields__)
+    unknown = sorted(set(tt_args) - tt_fields)
+    if unknown:
+        raise ValueError(f"unknown model.train_test key(s) {unknown}; known: {sorted(tt_fields)}")
+    cfg = RetinaNetConfig(num_classes=num_classes, **tt_args)
+    neck = FPN(out_channels=int(model_cfg.get("fpn_channels", 256)), num_outs=5, start_level=1,
+               add_extra_convs="on_input", dtype=dtype)
+    head = RetinaHead(num_classes=num_classes, num_anchors=9, dtype=dtype, **head_args)
+    return RetinaNet(RetinaNetModule(backbone=backbone, neck=neck, bbox_head=head), cfg)

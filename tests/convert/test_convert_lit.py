@@ -156,3 +156,34 @@ def test_convert_weights_cli_writes_a_loadable_checkpoint(tmp_path):
     )
     assert bad.returncode == 1 and "does not fit the model" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_convert_weights_cli_for_a_released_style_retinanet(tmp_path):
+    from lit_jax.convert.mmdet import load_mmdet_pth
+    from lit_jax.models import build_detector
+    from third_party.lit_torch.save_detector import save_random_detector
+
+    src = tmp_path / "retina.pth"
+    save_random_detector("retinanet_lit_ti", str(src), seed=4)
+    dst = tmp_path / "retina_out"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"), "--model", "retinanet_lit_ti",
+         "--src", str(src), "--dst", str(dst)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    direct = load_mmdet_pth(src, build_detector({"type": "retinanet", "backbone": "lit_ti"}))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, load_variables(str(dst)), direct)
+    assert set(direct["params"]) == {"backbone", "neck", "bbox_head"}
+
+
+def test_imagenet_parameter_count_is_accounted_for(tmp_path):
+    """Loaded + dropped (classifier) parameters add up to the published ImageNet sizes (19.9M / 28.0M)."""
+    for name, want in (("lit_ti", 19_886_272), ("lit_s", 27_973_720)):
+        path = tmp_path / f"{name}.pth"
+        save_random_checkpoint(name, str(path), seed=0, variant="cls", nest="model")
+        sd = torch.load(path, weights_only=True)["model"]
+        _, report = convert_backbone({k: v.numpy() for k, v in sd.items()}, build_backbone(name), source=str(path))
+        used = report.loaded + [k for k in report.dropped if not k.endswith("relative_position_index")]
+        total = sum(sd[k].numel() for k in used if not k.endswith(("running_mean", "running_var")))
+        assert total == want

@@ -6,19 +6,34 @@ from .dcn import DeformConv2dPack, deform_conv2d_torch, perturb_offsets_
 from .lit_s import LITSCls, LITSDet, relative_position_index, resize_rel_pos_table
 from .lit_ti import LITTiCls, LITTiDet
 
+from .fpn import FPN, ConvModule
+from .retina_head import RetinaHead
+from .retinanet import (RetinaNetRef, anchors_ref, base_anchors_ref, batched_nms_ref, bbox2delta_ref,
+                        delta2bbox_ref, multiclass_nms_ref, nms_ref, retinanet_simple_test_ref)
+
 _SAVE_RANDOM_NAMES = ("MODELS", "build_model", "count_params", "randomize_", "save_random_checkpoint")
+_SAVE_DETECTOR_NAMES = ("COCO_CLASSES", "DETECTORS", "build_detector", "randomize_neck_head_",
+                        "save_random_detector")
 
 __all__ = [
     "DeformConv2dPack", "deform_conv2d_torch", "perturb_offsets_",
     "LITTiDet", "LITTiCls", "LITSDet", "LITSCls",
     "relative_position_index", "resize_rel_pos_table",
     *_SAVE_RANDOM_NAMES,
+    "FPN", "ConvModule", "RetinaHead", "RetinaNetRef",
+    "anchors_ref", "base_anchors_ref", "delta2bbox_ref", "bbox2delta_ref",
+    "nms_ref", "batched_nms_ref", "multiclass_nms_ref", "retinanet_simple_test_ref",
+    *_SAVE_DETECTOR_NAMES,
 ]
 
 
 def __getattr__(name):
-    # Imported lazily so that `python -m third_party.lit_torch.save_random` does not pre-import its own module.
+    # Imported lazily so that `python -m third_party.lit_torch.save_random` (or `.save_detector`) does not
+    # pre-import its own module.
     if name in _SAVE_RANDOM_NAMES:
         from . import save_random
         return getattr(save_random, name)
+    if name in _SAVE_DETECTOR_NAMES:
+        from . import save_detector
+        return getattr(save_detector, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
