@@ -39,7 +39,8 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
 
 
 # Model config keys understood by build_detector (ml_collections ConfigDict or a plain mapping).
-_DETECTOR_KEYS = {"type", "backbone", "backbone_args", "num_classes", "fpn_channels", "head", "train_test", "dtype"}
+_DETECTOR_KEYS = {"type", "backbone", "backbone_args", "num_classes", "fpn_channels", "head", "train_test", "dtype",
+                  "pretrained"}
 
 
 def _as_dict(node: Any) -> dict:
@@ -57,6 +58,7 @@ def build_detector(config: Any):
       type: ``'retinanet'``.
       backbone: ``'lit_ti'`` | ``'lit_s'``; backbone_args: overrides for :func:`build_backbone`.
       num_classes (80), fpn_channels (256), dtype (``'float32'`` | ``'bfloat16'``).
+      pretrained: read by the trainer (converted ImageNet weights), not here.
       head: RetinaHead fields (``feat_channels``, ``stacked_convs``).
       train_test: fields of :class:`lit_jax.models.retinanet.RetinaNetConfig` (assigner thresholds, focal
         parameters, ``loss_group_size``, ``nms_pre``, ``score_thr``, ``iou_thr``, ``max_per_img``).

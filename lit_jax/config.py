@@ -1,0 +1,102 @@
+"""Config files (ml_collections, one ``get_config()`` per file) and ``--config.a.b=value`` overrides.
+
+An override must name an existing key; its value is parsed as a Python literal (``1e-4``, ``(8, 11)``,
+``True``) or kept as a string, and must fit the key's type. Errors name the key and what is known there.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be loaded, or an override that does not fit it."""
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"lit_jax_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # a broken config file: say which
+        raise ConfigError(f"config file {path}: {type(err).__name__}: {err}") from err
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Sets ``config.<dotted> = literal(text)``; the key must exist and the type must fit."""
+    parts = dotted.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "<top>"
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key {dotted!r}: no {part!r} under {where} (known: {known})")
+        node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        where = ".".join(parts[:-1]) or "<top>"
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"unknown config key {dotted!r}: no {leaf!r} under {where} (known: {known})")
+    value = _parse_value(text)
+    old = node[leaf]
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, str) and not isinstance(value, str):
+        value = text
+    if old is not None and not isinstance(old, ml_collections.ConfigDict) and type(value) is not type(old):
+        raise ConfigError(f"config key {dotted!r} is {type(old).__name__} ({old!r}); got {text!r}")
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key {dotted!r}: {err}") from err
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separates ``--config.a.b=v`` / ``--config.a.b v`` overrides from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key = arg[len("--config."):]
+            if "=" in key:
+                key, text = key.split("=", 1)
+            elif i + 1 < len(argv):
+                i += 1
+                text = argv[i]
+            else:
+                raise ConfigError(f"{arg} needs a value")
+            overrides.append((key, text))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    config = load_config_file(path)
+    for key, text in overrides:
+        apply_override(config, key, text)
+    return config
