@@ -19,16 +19,14 @@ from base_retinanet import retinanet_config  # noqa: E402
 def get_config():
     c = retinanet_config("lit_ti")
     c.synthetic = ml_collections.ConfigDict({
-        "coco_dir": "data/synthetic_coco", "name": "synthetic", "train": 400, "val": 50, "seed": 0,
-        "max_side": 320,
+        "root": "data", "train": 400, "val": 50, "seed": 0, "max_side": 320,
     })
     c.model.pretrained = ""
     c.model.num_classes = 6
     c.model.fpn_channels = 64
     c.model.head.feat_channels = 64
     c.model.head.stacked_convs = 2
-    c.data.data_dir = "data/tfds"
-    c.data.dataset = "coco_instances/synthetic"
+    # data.data_dir / data.dataset are set by lit_jax.main from the synthetic section.
     c.data.img_scale = (320, 192)
     c.data.global_batch_size = 8
     c.data.eval_global_batch_size = 8

@@ -1,0 +1,90 @@
+"""Train and/or evaluate a LIT detector.
+
+    python -m lit_jax.main --config configs/synthetic_retinanet_lit_ti.py --workdir workdir/synth
+    python -m lit_jax.main --config configs/retinanet_lit_ti_fpn_1x_coco.py --workdir runs/retina_ti \
+        --config.optimizer.lr=2e-4 --mode train_and_eval
+
+Modes: ``train`` (no evaluation), ``eval`` (the latest checkpoint in --workdir), ``train_and_eval``
+(evaluate every ``train.eval_every_epochs`` and at the end). A run resumes from the latest checkpoint in
+--workdir. Multi-host: launched under SLURM or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID set, ``jax.distributed.initialize()`` is called first (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args(argv):
+    from lit_jax.config import split_overrides
+
+    rest, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="config file (configs/*.py); override keys with --config.a.b=v")
+    p.add_argument("--workdir", default=None, help="checkpoints, logs, TensorBoard, results (default workdir/<config>)")
+    p.add_argument("--mode", default="train_and_eval", choices=["train", "eval", "train_and_eval"])
+    args = p.parse_args(rest)
+    if args.workdir is None:
+        args.workdir = os.path.join("workdir", os.path.splitext(os.path.basename(args.config))[0])
+    return args, overrides
+
+
+def ensure_synthetic_dataset(config) -> None:
+    """Generates and prepares the synthetic dataset a config's ``synthetic`` section names, if missing,
+    and points ``config.data`` at it."""
+    if "synthetic" not in config:
+        return
+    from lit_jax.data.synthetic import ensure_synthetic_tfds
+
+    syn = config.synthetic
+    data_dir, dataset = ensure_synthetic_tfds(syn.root, num_train=syn.train, num_val=syn.val, seed=syn.seed,
+                                              max_side=syn.max_side)
+    config.data.data_dir, config.data.dataset = data_dir, dataset
+
+
+def main(argv=None) -> int:
+    from lit_jax.config import ConfigError, load_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and tfds are chatty at INFO
+    try:
+        args, overrides = parse_args(argv)
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from lit_jax.train import sharding
+
+    sharding.maybe_initialize_distributed()
+    ensure_synthetic_dataset(config)
+
+    from lit_jax.train.trainer import NonFiniteLossError, Trainer
+
+    try:
+        trainer = Trainer(config, args.workdir)
+        if args.mode == "eval":
+            stats = trainer.evaluate(trainer.load_variables(checkpoint=trainer.workdir))
+            print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))
+        else:
+            if args.mode == "train":
+                config.train.eval_every_epochs = 0
+            trainer.train(final_eval=args.mode == "train_and_eval")
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError) as err:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The train and evaluation loops: one readable file.
+
+``Trainer(config, workdir)`` builds the detector, the optimizer, the mesh and the data; ``train()`` runs until
+``schedule.epochs`` (or ``train.max_steps``), checkpointing and evaluating on the way; ``evaluate()`` runs
+COCO evaluation of the current (or a given) state. Semantics follow the original 8-GPU x 2-image runs:
+BatchNorm statistics and the loss normaliser are computed over groups of ``train.stats_group_size`` images,
+and the update uses the mean of the groups' losses (DDP's gradient average), whatever our device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lit_jax.models.registry import build_detector
+from lit_jax.train import sharding
+from lit_jax.train.optim import build_optimizer, step_schedule_with_warmup
+
+log = logging.getLogger(__name__)
+
+TRAIN_BATCH_KEYS = ("images", "gt_boxes", "gt_labels", "gt_valid", "pad_shape")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the checkpoint kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (replicated over the mesh)."""
+
+    step: jnp.ndarray  # int32 (): optimizer updates done
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jnp.ndarray  # uint32 (2,): raw PRNG key data (checkpoint-friendly)
+
+
+def _model_section(config: ml_collections.ConfigDict) -> dict:
+    """The model config with the train-time statistics grouping filled in."""
+    model = config.model.to_dict()
+    group = int(config.train.get("stats_group_size", 0) or 0) or None
+    model.setdefault("backbone_args", {})
+    model["backbone_args"] = dict(model["backbone_args"], bn_group_size=group)
+    model["train_test"] = dict(model.get("train_test", {}), loss_group_size=group)
+    return model
+
+
+def load_pretrained_backbone(path: str, backbone) -> dict:
+    """Converted weights (a folder from convert_weights.py) or a .pth, as backbone variables."""
+    from lit_jax.convert import load_pth, load_variables
+
+    if os.path.isdir(path):
+        return load_variables(path)
+    if os.path.isfile(path):
+        return load_pth(path, backbone)
+    raise FileNotFoundError(f"model.pretrained={path!r}: no such folder (convert_weights.py --dst) or .pth file")
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        from lit_jax.data.pipeline import DataConfig
+
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.mesh = sharding.make_mesh()
+        self.detector = build_detector(_model_section(config))
+        self.data_cfg = DataConfig.from_dict(config.data)
+        self.is_main = jax.process_index() == 0
+        group = config.train.get("stats_group_size", 0)
+        n_dev = jax.device_count()
+        if group and (self.data_cfg.global_batch_size // n_dev) % group and n_dev > 1:
+            raise ValueError(f"per-device batch {self.data_cfg.global_batch_size // n_dev} is not a multiple of "
+                             f"train.stats_group_size {group}")
+        if self.data_cfg.global_batch_size % n_dev:
+            raise ValueError(f"data.global_batch_size {self.data_cfg.global_batch_size} is not divisible by "
+                             f"{n_dev} devices")
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def learning_rate(self, steps_per_epoch: int):
+        opt, sched = self.config.optimizer, self.config.schedule
+        lr = float(opt.lr)
+        if self.config.train.get("scale_lr", False):
+            ref = float(self.config.train.reference_batch)
+            lr *= self.data_cfg.global_batch_size / ref
+            log.info("lr scaled linearly: %g x %d / %d = %g", opt.lr, self.data_cfg.global_batch_size, ref, lr)
+        else:
+            log.info("lr %g (not scaled with the batch, as the original)", lr)
+        return step_schedule_with_warmup(
+            lr, steps_per_epoch=steps_per_epoch, milestones=tuple(sched.milestones), gamma=float(sched.gamma),
+            warmup_iters=int(sched.warmup_iters), warmup_ratio=float(sched.warmup_ratio))
+
+    def init_state(self, tx: optax.GradientTransformation) -> TrainState:
+        cfg = self.config
+        canvas = self.data_cfg.resolved_canvases()[0]
+        key = jax.random.PRNGKey(int(cfg.train.seed))
+        init_key, train_key = jax.random.split(key)
+        variables = jax.jit(lambda k: self.detector.init(k, canvas))(init_key)
+        params, stats = variables["params"], variables.get("batch_stats", {})
+        pretrained = cfg.model.get("pretrained", "")
+        if pretrained:
+            loaded = load_pretrained_backbone(pretrained, self.detector.module.backbone)
+            params = _replace_subtree(params, "backbone", loaded["params"], pretrained)
+            stats = _replace_subtree(stats, "backbone", loaded.get("batch_stats", {}), pretrained)
+            log.info("backbone initialised from %s", pretrained)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                           opt_state=tx.init(params), rng=jax.random.key_data(train_key))
+        return jax.device_put(state, sharding.replicated(self.mesh))
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def make_train_step(self, tx, schedule):
+        det = self.detector
+
+        def train_step(state: TrainState, batch):
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+            def loss_fn(params):
+                return det.loss({"params": params, "batch_stats": state.batch_stats}, batch, rng)
+
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {
+                "loss": loss, "loss_cls": aux["loss_cls"], "loss_bbox": aux["loss_bbox"],
+                "num_pos": aux["num_pos"].astype(jnp.float32), "grad_norm": optax.global_norm(grads),
+                "lr": schedule(state.step),
+            }
+            new = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"],
+                                opt_state=opt_state)
+            return new, metrics
+
+        rep, dat = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
+        return jax.jit(train_step, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=(0,))
+
+    def make_predict(self):
+        det = self.detector
+
+        def predict(variables, images, img_shape, scale_factor):
+            return det.predict(variables, images, {"img_shape": img_shape, "scale_factor": scale_factor})
+
+        return jax.jit(predict)
+
+    # -- loops ---------------------------------------------------------------------------------------------
+    def train(self, final_eval: bool = True) -> TrainState:
+        from lit_jax.data.pipeline import make_train_dataset
+        from lit_jax.train.checkpoint import CheckpointStore
+        from lit_jax.train.metrics import MetricLogger
+
+        cfg = self.config
+        os.makedirs(self.workdir, exist_ok=True)
+        self._write_config()
+        data = make_train_dataset(self.data_cfg)
+        steps_per_epoch = data.steps_per_epoch
+        total = int(cfg.train.get("max_steps", 0) or 0) or steps_per_epoch * int(cfg.schedule.epochs)
+        schedule = self.learning_rate(steps_per_epoch)
+        tx = build_optimizer(cfg.optimizer.to_dict(), schedule)
+        store = CheckpointStore(os.path.join(self.workdir, "checkpoints"),
+                                keep=int(cfg.train.keep_checkpoints), async_save=True)
+        state = self.init_state(tx)
+        iterator = DataIterator(data, self.mesh, os.path.join(self.workdir, "data_state"))
+        if store.latest_step() is not None:
+            step, state, extra = store.restore(state)
+            iterator.restore(step)
+            log.info("resumed from step %d (%s)", step, extra.get("time", ""))
+        start = int(state.step)
+        train_step = self.make_train_step(tx, schedule)
+        eval_every = int(cfg.train.get("eval_every_epochs", 1) or 0) * steps_per_epoch
+        ckpt_every = int(cfg.train.checkpoint_every_steps)
+        logger = MetricLogger(self.workdir, total=total, initial=start, enabled=self.is_main,
+                              every=int(cfg.train.log_every_steps),
+                              images_per_step=self.data_cfg.global_batch_size)
+        log.info("training %d steps (%d per epoch) from step %d on %d devices, %d processes", total,
+                 steps_per_epoch, start, jax.device_count(), jax.process_count())
+        pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch async
+        last_good = store.latest_step()
+        try:
+            for step in range(start, total):
+                batch = next(iterator)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, {k: batch[k] for k in TRAIN_BATCH_KEYS})
+                if pending is not None:
+                    self._check_finite(*pending, last_good)
+                    logger.log(pending[0], pending[1], time.perf_counter() - t0)
+                pending = (step + 1, metrics)
+                done = step + 1
+                if done % ckpt_every == 0 or done == total:
+                    self._check_finite(*pending, last_good)
+                    iterator.save(done)
+                    store.save(done, state, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": done / steps_per_epoch})
+                    last_good = done
+                if eval_every and done % eval_every == 0 and done != total:
+                    store.wait()
+                    self._log_eval(self.evaluate(state), done, logger)
+            if pending is not None:
+                self._check_finite(*pending, last_good)
+                logger.log(pending[0], pending[1], 0.0)
+        finally:
+            store.wait()
+            store.close()
+            logger.close()
+        if final_eval:
+            self._log_eval(self.evaluate(state), total, None)
+        return state
+
+    def _check_finite(self, step: int, metrics: dict, last_good: Optional[int]) -> None:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            kept = f"step {last_good}" if last_good is not None else "none (no checkpoint was written yet)"
+            raise NonFiniteLossError(
+                f"non-finite loss {loss} at step {step} (loss_cls {float(metrics['loss_cls'])}, loss_bbox "
+                f"{float(metrics['loss_bbox'])}); stopped without saving; last good checkpoint: {kept} in "
+                f"{os.path.join(self.workdir, 'checkpoints')}")
+
+    def _log_eval(self, stats: dict, step: int, logger) -> None:
+        if not self.is_main or not stats:
+            return
+        line = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float))
+        log.info("eval at step %d: %s", step, line)
+        print(f"eval at step {step}: {line}", flush=True)
+        with open(os.path.join(self.workdir, "eval_results.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **stats}) + "\n")
+        if logger is not None:
+            logger.scalars(step, {f"eval/{k}": v for k, v in stats.items() if isinstance(v, float)})
+
+    def evaluate(self, state_or_variables, *, results_path: Optional[str] = None) -> dict:
+        """COCO bbox evaluation on ``data.eval_split``; returns mmdet-style stats (process 0) or {}."""
+        from lit_jax.data.pipeline import make_eval_dataset
+        from lit_jax.evaluation.coco_eval import CocoEvaluator
+
+        cfg = self.config
+        if isinstance(state_or_variables, TrainState):
+            variables = {"params": state_or_variables.params, "batch_stats": state_or_variables.batch_stats}
+        else:
+            variables = state_or_variables
+        mode = cfg.eval.get("mode", "per_image")
+        data = make_eval_dataset(self.data_cfg, mode=mode)
+        ann_file = cfg.eval.get("ann_file", "") or annotation_file(data.source, self.data_cfg.eval_split)
+        evaluator = CocoEvaluator(ann_file) if self.is_main else None
+        predict = self.make_predict()
+        label_to_cat = list(data.source.category_ids)
+        if mode == "per_image":
+            # Each image at its own padded size on this process's first device (the original's test shapes).
+            variables = jax.device_put(variables, jax.local_devices()[0])
+            batches = data.numpy_batches()
+            gather = np.asarray
+        else:
+            variables = jax.device_put(variables, sharding.replicated(self.mesh))
+            batches = data.global_batches(self.mesh)
+            gather = sharding.to_host
+        collected = []
+        for batch in batches:
+            dets = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
+            collected.append({
+                "image_id": gather(batch["image_id"]), "valid": gather(batch["valid"]) if "valid" in batch else None,
+                "boxes": gather(dets.boxes), "scores": gather(dets.scores), "labels": gather(dets.labels),
+                "det_valid": gather(dets.valid),
+            })
+        if mode == "per_image" and jax.process_count() > 1:
+            collected = _allgather_pickled(collected)
+        if evaluator is None:
+            return {}
+        for c in collected:
+            keep = c["valid"].astype(bool) if c["valid"] is not None else np.ones(len(c["image_id"]), bool)
+            evaluator.add(c["image_id"][keep], c["boxes"][keep], c["scores"][keep], c["labels"][keep],
+                          c["det_valid"][keep], label_to_cat)
+        if results_path:
+            evaluator.write(results_path)
+        return evaluator.evaluate(iou_types=("bbox",))
+
+    def load_variables(self, *, checkpoint: Optional[str] = None, pth: Optional[str] = None) -> dict:
+        """Detector variables from a released mmdet ``.pth``, a converted folder, a workdir or a checkpoint.
+
+        ``checkpoint`` may be a training workdir (latest step), its ``checkpoints`` folder, one step folder
+        (``.../checkpoints/1200``) or a ``convert_weights.py`` output folder (``variables/`` inside).
+        """
+        from lit_jax.convert import load_variables
+        from lit_jax.convert.mmdet import load_mmdet_pth
+        from lit_jax.train.checkpoint import CheckpointStore
+
+        if pth:
+            return load_mmdet_pth(pth, self.detector)
+        if not checkpoint:
+            raise ValueError("give a checkpoint (workdir, checkpoint folder, converted folder) or a .pth")
+        path = os.path.abspath(checkpoint)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if os.path.isdir(os.path.join(path, "variables")):
+            return load_variables(path)
+        step = None
+        if os.path.basename(path).isdigit():
+            path, step = os.path.dirname(path), int(os.path.basename(path))
+        elif os.path.isdir(os.path.join(path, "checkpoints")):
+            path = os.path.join(path, "checkpoints")
+        store = CheckpointStore(path, async_save=False)
+        if store.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {path}")
+        tx = build_optimizer(self.config.optimizer.to_dict(), self.learning_rate(1))
+        step, state, _ = store.restore(self.init_state(tx), step=step)
+        store.close()
+        log.info("restored step %d from %s", step, path)
+        return {"params": state.params, "batch_stats": state.batch_stats}
+
+    def _write_config(self) -> None:
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _replace_subtree(tree: dict, key: str, new: dict, source: str) -> dict:
+    """``tree[key] = new`` after checking that the structure and shapes agree (naming any difference)."""
+    old = tree[key]
+    flat_old = flax.traverse_util.flatten_dict(flax.core.unfreeze(old), sep="/")
+    flat_new = flax.traverse_util.flatten_dict(dict(new), sep="/")
+    missing = sorted(set(flat_old) - set(flat_new))
+    extra = sorted(set(flat_new) - set(flat_old))
+    shapes = sorted(k for k in set(flat_old) & set(flat_new) if tuple(flat_old[k].shape) != tuple(np.shape(flat_new[k])))
+    if missing or extra or shapes:
+        raise ValueError(f"{source} does not fit the backbone: missing {missing}, unexpected {extra}, "
+                         f"wrong shape {shapes}")
+    out = dict(tree)
+    out[key] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype), old, flax.traverse_util.unflatten_dict(
+        {tuple(k.split("/")): v for k, v in flat_new.items()}))
+    return out
+
+
+def annotation_file(source, split: str) -> str:
+    """The COCO json a prepared split was built from (recorded in the dataset's metadata)."""
+    md = getattr(getattr(source, "builder", None), "info", None)
+    md = md.metadata if md is not None else None
+    if not md or "source_dir" not in md or split not in md.get("splits", {}):
+        raise ValueError(f"{source.name}: no annotation file recorded for split {split!r}; set eval.ann_file")
+    path = os.path.join(md["source_dir"], md["splits"][split]["ann_file"])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} (the annotations {source.name}/{split} was built from) is missing; "
+                                "set eval.ann_file")
+    return path
+
+
+def _allgather_pickled(items: list) -> list:
+    """Host-local lists of numpy dicts gathered on every process (per-image evaluation across hosts)."""
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(pickle.dumps(items), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([blob.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    allb = multihost_utils.process_allgather(padded)
+    out = []
+    for i, n in enumerate(np.asarray(sizes).reshape(-1)):
+        out.extend(pickle.loads(allb[i, : int(n)].tobytes()))  # our own bytes from our own processes
+    return out
+
+
+class DataIterator:
+    """Global training batches with a resumable position.
+
+    The tf.data iterator state of each process is saved with ``tf.train.Checkpoint`` under
+    ``directory/step_N/process_K`` next to each model checkpoint, so a resumed run continues with exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, data, mesh, directory: str):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.data = data
+        self.directory = directory
+        self.sharding = sharding.data_sharded(mesh)
+        self._it = iter(data.dataset)
+        self._ckpt = tf.train.Checkpoint(iterator=self._it)
+        self._truncation = None
+
+    def _path(self, step: int) -> str:
+        return os.path.join(self.directory, f"step_{step}", f"process_{jax.process_index()}")
+
+    def __next__(self) -> dict:
+        from lit_jax.data.pipeline import _TruncationLog
+
+        if self._truncation is None:
+            self._truncation = _TruncationLog()
+        local = self._truncation({k: v.numpy() for k, v in next(self._it).items()})
+        return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
+
+    def save(self, step: int) -> None:
+        path = self._path(step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._ckpt.write(path)
+        # Keep the positions of the last few checkpoints only.
+        steps = sorted(int(d.split("_")[1]) for d in os.listdir(self.directory) if d.startswith("step_"))
+        for old in steps[:-5]:
+            import shutil
+
+            shutil.rmtree(os.path.join(self.directory, f"step_{old}"), ignore_errors=True)
+
+    def restore(self, step: int) -> None:
+        path = self._path(step)
+        if os.path.exists(path + ".index"):
+            self._ckpt.read(path).assert_consumed()
+            log.info("data position restored from %s", path)
+            return
+        log.warning("no saved data position for step %d (%s): skipping %d batches to reach it", step, path, step)
+        for _ in range(step):
+            next(self._it)
