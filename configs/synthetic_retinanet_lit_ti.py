@@ -22,6 +22,10 @@ def get_config():
         "root": "data", "train": 400, "val": 50, "seed": 0, "max_side": 320,
     })
     c.model.pretrained = ""
+    # The LIT-Ti architecture, spelled out so tests and users can shrink it with --config overrides.
+    c.model.backbone_args.embed_dims = (64, 128, 320, 512)
+    c.model.backbone_args.depths = (3, 4, 6, 3)
+    c.model.backbone_args.num_heads = (1, 2, 5, 8)
     c.model.num_classes = 6
     c.model.fpn_channels = 64
     c.model.head.feat_channels = 64

@@ -12,7 +12,6 @@ JAX_PROCESS_ID set, ``jax.distributed.initialize()`` is called first (see README
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -21,17 +20,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv):
-    from lit_jax.config import split_overrides
+    from lit_jax import cli
 
-    rest, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file (configs/*.py); override keys with --config.a.b=v")
+    p = cli.config_parser(__doc__)
     p.add_argument("--workdir", default=None, help="checkpoints, logs, TensorBoard, results (default workdir/<config>)")
     p.add_argument("--mode", default="train_and_eval", choices=["train", "eval", "train_and_eval"])
-    args = p.parse_args(rest)
+    args, config = cli.parse(p, argv)
     if args.workdir is None:
         args.workdir = os.path.join("workdir", os.path.splitext(os.path.basename(args.config))[0])
-    return args, overrides
+    return args, config
 
 
 def ensure_synthetic_dataset(config) -> None:
@@ -48,26 +45,22 @@ def ensure_synthetic_dataset(config) -> None:
 
 
 def main(argv=None) -> int:
-    from lit_jax.config import ConfigError, load_config
+    from lit_jax import cli
 
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and tfds are chatty at INFO
     try:
-        args, overrides = parse_args(argv)
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        args, config = parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    cli.setup_logging()
 
     from lit_jax.train import sharding
 
     sharding.maybe_initialize_distributed()
-    ensure_synthetic_dataset(config)
 
     from lit_jax.train.trainer import NonFiniteLossError, Trainer
 
     try:
+        ensure_synthetic_dataset(config)
         trainer = Trainer(config, args.workdir)
         if args.mode == "eval":
             stats = trainer.evaluate(trainer.load_variables(checkpoint=trainer.workdir))

@@ -13,9 +13,7 @@ pycocotools' tables are printed. Config keys can be overridden with --config.a.b
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 
@@ -24,26 +22,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-    from lit_jax.config import ConfigError, load_config, split_overrides
+    from lit_jax import cli
 
-    argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="workdir, checkpoint step folder, or converted folder")
-    src.add_argument("--pth", help="a released mmdet checkpoint (.pth)")
+    p = cli.config_parser(__doc__)
+    src = cli.add_model_source(p)
     src.add_argument("--results_only", help="evaluate this COCO results JSON, no model")
     p.add_argument("--out", default=None, help="where to write the results JSON (default: beside the checkpoint)")
     p.add_argument("--mode", choices=["per_image", "bucket"], default=None, help="override eval.mode")
-    args = p.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args, config = cli.parse(p, argv)
+    cli.setup_logging()
     if args.mode:
         config.eval.mode = args.mode
 

@@ -600,11 +600,15 @@ def default_data_dir() -> str:
 def dataset_dir(data_dir: str, name: str, version: str | None = None) -> str:
     """The directory of a built dataset (latest version when version is None)."""
     root = os.path.join(data_dir, BUILDER_NAME, name)
+    hint = (f"build it once with `python -m lit_jax.data.prepare --coco_dir <COCO dir> --out {data_dir} "
+            f"--name {name}` (or point data.data_dir / data.dataset at a prepared dataset)")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset {BUILDER_NAME}/{name} is not prepared under {data_dir}: {hint}")
     if version is None:
         versions = sorted((d for d in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", d)),
                           key=lambda v: tuple(int(x) for x in v.split(".")))
         if not versions:
-            raise FileNotFoundError(f"no built version under {root}")
+            raise FileNotFoundError(f"no built version under {root}: {hint}")
         version = versions[-1]
     return os.path.join(root, version)
 

@@ -9,13 +9,12 @@ and the update uses the mean of the groups' losses (DDP's gradient average), wha
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import flax
 import jax
@@ -121,28 +120,7 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def make_train_step(self, tx, schedule):
-        det = self.detector
-
-        def train_step(state: TrainState, batch):
-            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-            def loss_fn(params):
-                return det.loss({"params": params, "batch_stats": state.batch_stats}, batch, rng)
-
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = {
-                "loss": loss, "loss_cls": aux["loss_cls"], "loss_bbox": aux["loss_bbox"],
-                "num_pos": aux["num_pos"].astype(jnp.float32), "grad_norm": optax.global_norm(grads),
-                "lr": schedule(state.step),
-            }
-            new = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"],
-                                opt_state=opt_state)
-            return new, metrics
-
-        rep, dat = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
-        return jax.jit(train_step, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=(0,))
+        return build_train_step(self.detector, tx, schedule, self.mesh)
 
     def make_predict(self):
         det = self.detector
@@ -215,12 +193,14 @@ class Trainer:
         return state
 
     def _check_finite(self, step: int, metrics: dict, last_good: Optional[int]) -> None:
+        """Stops on a non-finite loss, gradient or update (the state after ``step`` is then not trusted)."""
         loss = float(metrics["loss"])
-        if not math.isfinite(loss):
+        if not all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "update_norm")):
             kept = f"step {last_good}" if last_good is not None else "none (no checkpoint was written yet)"
             raise NonFiniteLossError(
                 f"non-finite loss {loss} at step {step} (loss_cls {float(metrics['loss_cls'])}, loss_bbox "
-                f"{float(metrics['loss_bbox'])}); stopped without saving; last good checkpoint: {kept} in "
+                f"{float(metrics['loss_bbox'])}, grad_norm {float(metrics['grad_norm'])}, update_norm "
+                f"{float(metrics['update_norm'])}); stopped without saving; last good checkpoint: {kept} in "
                 f"{os.path.join(self.workdir, 'checkpoints')}")
 
     def _log_eval(self, stats: dict, step: int, logger) -> None:
@@ -250,6 +230,9 @@ class Trainer:
         evaluator = CocoEvaluator(ann_file) if self.is_main else None
         predict = self.make_predict()
         label_to_cat = list(data.source.category_ids)
+        if len(label_to_cat) != self.detector.cfg.num_classes:
+            raise ValueError(f"the model predicts {self.detector.cfg.num_classes} classes but {data.source.name} has "
+                             f"{len(label_to_cat)} categories; set model.num_classes or evaluate on a matching dataset")
         if mode == "per_image":
             # Each image at its own padded size on this process's first device (the original's test shapes).
             variables = jax.device_put(variables, jax.local_devices()[0])
@@ -316,6 +299,34 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def build_train_step(detector, tx: optax.GradientTransformation, schedule, mesh):
+    """The jitted train step ``(state, batch) -> (state, metrics)``: state replicated, batch sharded on 'data'.
+
+    The loss is the detector's (per-group normalisation, BatchNorm per group); the gradient of the mean over
+    groups is DDP's average of per-GPU gradients. The state buffers are donated.
+    """
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def loss_fn(params):
+            return detector.loss({"params": params, "batch_stats": state.batch_stats}, batch, rng)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss, "loss_cls": aux["loss_cls"], "loss_bbox": aux["loss_bbox"],
+            "num_pos": aux["num_pos"].astype(jnp.float32), "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates), "lr": schedule(state.step),
+        }
+        new = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"], opt_state=opt_state)
+        return new, metrics
+
+    rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    return jax.jit(train_step, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
 def _replace_subtree(tree: dict, key: str, new: dict, source: str) -> dict:

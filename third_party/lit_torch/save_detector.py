@@ -50,11 +50,11 @@ DETECTORS = {
 }
 
 
-def build_detector(kind: str) -> nn.Module:
+def build_detector(kind: str, num_classes: int = 80) -> nn.Module:
     k = kind.lower().replace("-", "_")
     if k not in DETECTORS:
         raise ValueError(f"unknown detector kind {kind!r}; known: {sorted(DETECTORS)}")
-    return RetinaNetRef(DETECTORS[k])
+    return RetinaNetRef(DETECTORS[k], num_classes=num_classes)
 
 
 @torch.no_grad()
@@ -80,12 +80,13 @@ def randomize_neck_head_(model: nn.Module, seed: int = 0, cls_bias_shift: float 
 
 
 def save_random_detector(kind: str, path: Optional[str], seed: int = 0, offset_scale: float = 1.0,
-                         cls_bias_shift: float = 0.0, meta: Optional[Dict] = None) -> nn.Module:
+                         cls_bias_shift: float = 0.0, meta: Optional[Dict] = None, num_classes: int = 80
+                         ) -> nn.Module:
     """Build ``kind`` ('retinanet_lit_ti' / 'retinanet_lit_s'), randomize it (seeded), and ``torch.save`` it as an
     mmdet checkpoint to ``path`` (``None``: do not write). Returns the model in eval mode; its ``state_dict()``
     equals the saved ``state_dict``."""
     torch.manual_seed(int(seed))
-    model = build_detector(kind)  # the backbone is constructed first: same RNG draws as save_random_checkpoint
+    model = build_detector(kind, num_classes)  # the backbone is constructed first: same RNG draws as save_random_checkpoint
     randomize_(model.backbone, seed=seed + 1)
     if offset_scale:
         perturb_offsets_(model.backbone, scale=offset_scale, seed=seed + 2)
@@ -94,7 +95,7 @@ def save_random_detector(kind: str, path: Optional[str], seed: int = 0, offset_s
     sd = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     info = {
         "mmdet_version": "2.11.0",
-        "CLASSES": COCO_CLASSES,
+        "CLASSES": COCO_CLASSES if num_classes == 80 else tuple(f"class_{i}" for i in range(num_classes)),
         "lit_torch_random": {"kind": kind, "seed": int(seed), "offset_scale": float(offset_scale),
                              "cls_bias_shift": float(cls_bias_shift)},
     }

@@ -1,0 +1,169 @@
+"""The training entry point end to end on a tiny synthetic dataset and a shrunken LIT-Ti RetinaNet.
+
+Resume after a checkpoint equals an uninterrupted run; a non-finite update stops with the step and keeps the last
+good checkpoint; bad config keys and a missing dataset give clear errors; eval_coco.py agrees with pycocotools
+on its own results file and takes a released-style mmdet checkpoint with --pth.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from lit_jax import main as main_mod
+from lit_jax.config import load_config, split_overrides
+from lit_jax.train.checkpoint import CheckpointStore
+from lit_jax.train.trainer import NonFiniteLossError, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SYNTH = os.path.join(ROOT, "configs", "synthetic_retinanet_lit_ti.py")
+
+
+def tiny_overrides(data_root):
+    return [
+        f"--config.synthetic.root={data_root}", "--config.synthetic.train=12", "--config.synthetic.val=6",
+        "--config.synthetic.max_side=96", "--config.data.img_scale=(96, 64)", "--config.data.global_batch_size=2",
+        "--config.data.eval_global_batch_size=2", "--config.data.shuffle_buffer=16",
+        "--config.model.backbone_args.embed_dims=(8, 16, 16, 16)", "--config.model.backbone_args.depths=(1, 1, 1, 1)",
+        "--config.model.backbone_args.num_heads=(1, 1, 1, 1)", "--config.model.fpn_channels=16",
+        "--config.model.head.feat_channels=16", "--config.model.head.stacked_convs=1",
+        "--config.train.log_every_steps=1", "--config.train.eval_every_epochs=0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic_data"))
+
+
+def _config(data_root, *extra):
+    _, overrides = split_overrides(tiny_overrides(data_root) + list(extra))
+    config = load_config(SYNTH, overrides)
+    main_mod.ensure_synthetic_dataset(config)
+    return config
+
+
+def _params(workdir, config):
+    trainer = Trainer(config, workdir)
+    return trainer.load_variables(checkpoint=workdir)["params"]
+
+
+def test_resume_after_a_checkpoint_equals_an_uninterrupted_run(data_root, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    Trainer(_config(data_root, "--config.train.max_steps=4", "--config.train.checkpoint_every_steps=2"),
+            straight).train(final_eval=False)
+    # "Interrupted" after the step-2 checkpoint, then started again with the same command.
+    Trainer(_config(data_root, "--config.train.max_steps=2", "--config.train.checkpoint_every_steps=2"),
+            resumed).train(final_eval=False)
+    assert CheckpointStore(os.path.join(resumed, "checkpoints")).all_steps() == [2]
+    Trainer(_config(data_root, "--config.train.max_steps=4", "--config.train.checkpoint_every_steps=2"),
+            resumed).train(final_eval=False)
+    config = _config(data_root)
+    a, b = _params(straight, config), _params(resumed, config)
+    diffs = jax.tree_util.tree_map(lambda x, y: float(jnp.abs(x - y).max()), a, b)
+    assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-6
+    # And the step-2 -> 4 continuation really trained (parameters moved).
+    first = CheckpointStore(os.path.join(straight, "checkpoints")).all_steps()
+    assert first == [2, 4]
+
+
+def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
+    workdir = str(tmp_path / "nan")
+    config = _config(data_root, "--config.train.max_steps=6", "--config.train.checkpoint_every_steps=1")
+    trainer = Trainer(config, workdir)
+    # A learning rate that turns NaN after two steps: step 3's update is non-finite.
+    trainer.learning_rate = lambda steps_per_epoch: (lambda step: jnp.where(step < 2, 1e-3, jnp.nan))
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*last good checkpoint: step 2"):
+        trainer.train(final_eval=False)
+    store = CheckpointStore(os.path.join(workdir, "checkpoints"))
+    assert store.all_steps()[-1] == 2
+    params = _params(workdir, config)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_unknown_config_key_and_missing_dataset_are_clear_errors(tmp_path, capsys):
+    rc = main_mod.main(["--config", SYNTH, "--workdir", str(tmp_path), "--config.optimizer.lrr=1"])
+    assert rc == 2
+    assert "unknown config key 'optimizer.lrr'" in capsys.readouterr().err
+    coco = os.path.join(ROOT, "configs", "retinanet_lit_ti_fpn_1x_coco.py")
+    rc = main_mod.main(["--config", coco, "--workdir", str(tmp_path / "w"), f"--config.data.data_dir={tmp_path}/none",
+                        "--config.model.pretrained="])
+    err = capsys.readouterr().err
+    assert rc == 2 and "coco_instances" in err and "prepare" in err, err
+
+
+def _run_script(args, timeout=600):
+    run = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def test_eval_script_equals_pycocotools_on_its_results(data_root, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    workdir = str(tmp_path / "train")
+    Trainer(_config(data_root, "--config.train.max_steps=2", "--config.train.checkpoint_every_steps=2"),
+            workdir).train(final_eval=False)
+    out = str(tmp_path / "results.json")
+    # Two steps leave every score near the 0.01 prior: lower the threshold so there are detections to score.
+    stdout = _run_script([os.path.join("scripts", "eval_coco.py"), "--config", SYNTH, "--checkpoint", workdir,
+                          "--out", out, "--config.model.train_test.score_thr=0.001"] + tiny_overrides(data_root))
+    reported = json.loads(stdout[stdout.index("{"):])
+    results = json.load(open(out))
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    from lit_jax.data.sources import open_source
+    from lit_jax.train.trainer import annotation_file
+
+    config = _config(data_root)
+    gt = COCO(annotation_file(open_source(config.data.data_dir, config.data.dataset), "val"))
+    ev = COCOeval(gt, gt.loadRes(out), "bbox")
+    ev.params.maxDets = [100, 300, 1000]  # mmdet 2.11's setting
+    ev.evaluate(); ev.accumulate(); ev.summarize()
+    assert reported["bbox_mAP"] == pytest.approx(round(ev.stats[0], 3), abs=1e-9)
+    assert reported["bbox_mAP_50"] == pytest.approx(round(ev.stats[1], 3), abs=1e-9)
+    again = _run_script([os.path.join("scripts", "eval_coco.py"), "--config", SYNTH, "--results_only", out]
+                        + tiny_overrides(data_root))
+    assert json.loads(again[again.index("{"):]) == reported
+
+
+def test_eval_script_takes_a_released_style_mmdet_checkpoint(data_root, tmp_path):
+    """A random RetinaNet LIT-Ti saved in the mmdet layout goes through eval_coco.py --pth, no manual step."""
+    from third_party.lit_torch.save_detector import save_random_detector
+
+    pth = str(tmp_path / "retinanet_lit_ti_released.pth")
+    save_random_detector("retinanet_lit_ti", pth, seed=0, num_classes=6)
+    full = ["--config.model.fpn_channels=256", "--config.model.head.feat_channels=256",
+            "--config.model.head.stacked_convs=4", "--config.model.backbone_args.embed_dims=(64, 128, 320, 512)",
+            "--config.model.backbone_args.depths=(3, 4, 6, 3)", "--config.model.backbone_args.num_heads=(1, 2, 5, 8)"]
+    stdout = _run_script([os.path.join("scripts", "eval_coco.py"), "--config", SYNTH, "--pth", pth,
+                          "--out", str(tmp_path / "res.json")] + tiny_overrides(data_root) + full)
+    stats = json.loads(stdout[stdout.index("{"):])
+    assert "bbox_mAP" in stats and os.path.isfile(tmp_path / "res.json")
+
+
+def test_predict_script_draws_detections(data_root, tmp_path):
+    workdir = str(tmp_path / "train")
+    Trainer(_config(data_root, "--config.train.max_steps=1", "--config.train.checkpoint_every_steps=1"),
+            workdir).train(final_eval=False)
+    config = _config(data_root)
+    from lit_jax.data.sources import open_source
+    from lit_jax.train.trainer import annotation_file
+
+    ann = annotation_file(open_source(config.data.data_dir, config.data.dataset), "val")
+    images = json.load(open(ann))["images"]
+    image = os.path.join(os.path.dirname(os.path.dirname(ann)), "val2017", images[0]["file_name"])
+    out = str(tmp_path / "pred.png")
+    stdout = _run_script([os.path.join("scripts", "predict.py"), "--config", SYNTH, "--checkpoint", workdir,
+                          "--image", image, "--out", out, "--score_thr", "0.0"] + tiny_overrides(data_root))
+    import cv2
+
+    drawn = cv2.imread(out)
+    assert drawn.shape[:2] == (images[0]["height"], images[0]["width"])
+    assert "detections" in stdout
