@@ -12,3 +12,5 @@ from lit_jax.ops.losses import (
     binary_cross_entropy_with_logits, l1_loss, retinanet_normalizer, sigmoid_focal_loss, softmax_cross_entropy,
 )
 from lit_jax.ops.nms import Detections, batched_nms, multiclass_nms, topk_per_level
+from lit_jax.ops.mask_paste import paste_mask_probs, paste_masks
+from lit_jax.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
