@@ -10,10 +10,14 @@ from .fpn import FPN, ConvModule
 from .retina_head import RetinaHead
 from .retinanet import (RetinaNetRef, anchors_ref, base_anchors_ref, batched_nms_ref, bbox2delta_ref,
                         delta2bbox_ref, multiclass_nms_ref, nms_ref, retinanet_simple_test_ref)
+from .roi_align_ref import bilinear_interpolate_ref, map_roi_levels_ref, multilevel_roi_align_ref, roi_align_ref
+from .mask_rcnn import (FCNMaskHead, MaskRCNNRef, RPNHead, Shared2FCBBoxHead, StandardRoIHeadRef, bbox_forward_ref,
+                        mask_forward_ref, mask_rcnn_simple_test_ref, paste_masks_ref, rcnn_get_bboxes_ref,
+                        rpn_anchors_ref, rpn_proposals_ref)
 
 _SAVE_RANDOM_NAMES = ("MODELS", "build_model", "count_params", "randomize_", "save_random_checkpoint")
 _SAVE_DETECTOR_NAMES = ("COCO_CLASSES", "DETECTORS", "build_detector", "randomize_neck_head_",
-                        "save_random_detector")
+                        "save_random_detector", "randomize_mask_rcnn_heads_")
 
 __all__ = [
     "DeformConv2dPack", "deform_conv2d_torch", "perturb_offsets_",
@@ -24,6 +28,10 @@ __all__ = [
     "anchors_ref", "base_anchors_ref", "delta2bbox_ref", "bbox2delta_ref",
     "nms_ref", "batched_nms_ref", "multiclass_nms_ref", "retinanet_simple_test_ref",
     *_SAVE_DETECTOR_NAMES,
+    "roi_align_ref", "bilinear_interpolate_ref", "map_roi_levels_ref", "multilevel_roi_align_ref",
+    "RPNHead", "Shared2FCBBoxHead", "FCNMaskHead", "StandardRoIHeadRef", "MaskRCNNRef",
+    "rpn_anchors_ref", "rpn_proposals_ref", "bbox_forward_ref", "mask_forward_ref", "rcnn_get_bboxes_ref",
+    "paste_masks_ref", "mask_rcnn_simple_test_ref",
 ]
 
 

@@ -12,6 +12,9 @@ tensors are identical); the neck and head get:
   ``retina_cls`` and 0.25 for ``retina_reg`` so logits/deltas stay moderate);
 * conv biases 0.1 * randn; ``retina_cls`` bias ``-log(99) + 0.5 * randn + cls_bias_shift`` so that a
   fraction of the sigmoid scores exceeds 0.05.
+
+Mask R-CNN kinds ('mask_rcnn_lit_ti' / 'mask_rcnn_lit_s') save ``{backbone.*, neck.*, rpn_head.*, roi_head.*}``; their
+neck and heads are randomized by ``randomize_mask_rcnn_heads_``.
 """
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ import torch
 import torch.nn as nn
 
 from .dcn import perturb_offsets_
+from .mask_rcnn import MaskRCNNRef
 from .retina_head import PRIOR_BIAS
 from .retinanet import RetinaNetRef
 from .save_random import count_params, randomize_
 
-__all__ = ["COCO_CLASSES", "DETECTORS", "build_detector", "randomize_neck_head_", "save_random_detector", "main"]
+__all__ = ["COCO_CLASSES", "DETECTORS", "build_detector", "randomize_neck_head_", "randomize_mask_rcnn_heads_",
+           "save_random_detector", "main"]
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -47,6 +52,8 @@ assert len(COCO_CLASSES) == 80
 DETECTORS = {
     "retinanet_lit_ti": "lit_ti",
     "retinanet_lit_s": "lit_s",
+    "mask_rcnn_lit_ti": "lit_ti",
+    "mask_rcnn_lit_s": "lit_s",
 }
 
 
@@ -54,12 +61,18 @@ def build_detector(kind: str, num_classes: int = 80) -> nn.Module:
     k = kind.lower().replace("-", "_")
     if k not in DETECTORS:
         raise ValueError(f"unknown detector kind {kind!r}; known: {sorted(DETECTORS)}")
+    if k.startswith("mask_rcnn"):
+        return MaskRCNNRef(DETECTORS[k], num_classes=num_classes)
     return RetinaNetRef(DETECTORS[k], num_classes=num_classes)
 
 
 @torch.no_grad()
 def randomize_neck_head_(model: nn.Module, seed: int = 0, cls_bias_shift: float = 0.0) -> nn.Module:
-    """Randomize ``model.neck`` and ``model.bbox_head`` convs in place (see the module docstring)."""
+    """Randomize ``model.neck`` and ``model.bbox_head`` convs in place (see the module docstring).
+
+    For a ``MaskRCNNRef`` this defers to ``randomize_mask_rcnn_heads_`` (neck, rpn_head, roi_head)."""
+    if isinstance(model, MaskRCNNRef):
+        return randomize_mask_rcnn_heads_(model, seed=seed, cls_bias_shift=cls_bias_shift)
     gen = torch.Generator().manual_seed(int(seed))
 
     def fill(conv: nn.Conv2d, gain: float, bias_mean: float = 0.0, bias_std: float = 0.1) -> None:
@@ -79,12 +92,54 @@ def randomize_neck_head_(model: nn.Module, seed: int = 0, cls_bias_shift: float 
     return model
 
 
+@torch.no_grad()
+def randomize_mask_rcnn_heads_(model: nn.Module, seed: int = 0, cls_bias_shift: float = 0.0) -> nn.Module:
+    """Randomize a ``MaskRCNNRef``'s ``neck``, ``rpn_head`` and ``roi_head`` in place, with moderate magnitudes:
+
+    * FPN convs: N(0, 1/fan_in), bias 0.1*randn;
+    * ``rpn_conv`` gain sqrt(2); ``rpn_cls`` gain 1, bias ``0.5*randn`` (objectness spread around 0.5);
+      ``rpn_reg`` gain 0.25 (small box deltas);
+    * ``shared_fcs`` gain sqrt(2) (ReLU), bias 0.1*randn; ``fc_cls`` gain 1 with a background bias of
+      ``2 - cls_bias_shift`` and foreground biases ``0.2*randn + cls_bias_shift`` so that some foreground softmax
+      scores pass 0.05; ``fc_reg`` gain 0.5 (deltas x stds stay small);
+    * mask head convs / upsample gain sqrt(2); ``conv_logits`` gain 1, bias ``0.5*randn`` (sigmoid spread around 0.5).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def fill(m: nn.Module, gain: float, bias_mean: float = 0.0, bias_std: float = 0.1) -> None:
+        w = m.weight
+        # ConvTranspose2d (in, out, 2, 2) with stride 2: each output pixel sums `in` terms
+        fan_in = w.shape[0] if isinstance(m, nn.ConvTranspose2d) else w[0].numel()
+        w.copy_(torch.randn(w.shape, generator=gen) * (gain / math.sqrt(fan_in)))
+        m.bias.copy_(bias_mean + bias_std * torch.randn(m.bias.shape, generator=gen))
+
+    for _, m in model.neck.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fill(m, 1.0)
+    rpn = model.rpn_head
+    fill(rpn.rpn_conv, math.sqrt(2.0))
+    fill(rpn.rpn_cls, 1.0, bias_std=0.5)
+    fill(rpn.rpn_reg, 0.25)
+    bh = model.roi_head.bbox_head
+    for fc in bh.shared_fcs:
+        fill(fc, math.sqrt(2.0))
+    fill(bh.fc_cls, 1.0, bias_mean=cls_bias_shift, bias_std=0.2)
+    bh.fc_cls.bias[-1] = 2.0 - cls_bias_shift  # background column (last)
+    fill(bh.fc_reg, 0.5)
+    mh = model.roi_head.mask_head
+    for cm in mh.convs:
+        fill(cm.conv, math.sqrt(2.0))
+    fill(mh.upsample, math.sqrt(2.0))
+    fill(mh.conv_logits, 1.0, bias_std=0.5)
+    return model
+
+
 def save_random_detector(kind: str, path: Optional[str], seed: int = 0, offset_scale: float = 1.0,
                          cls_bias_shift: float = 0.0, meta: Optional[Dict] = None, num_classes: int = 80
                          ) -> nn.Module:
-    """Build ``kind`` ('retinanet_lit_ti' / 'retinanet_lit_s'), randomize it (seeded), and ``torch.save`` it as an
-    mmdet checkpoint to ``path`` (``None``: do not write). Returns the model in eval mode; its ``state_dict()``
-    equals the saved ``state_dict``."""
+    """Build ``kind`` ('retinanet_lit_ti' / 'retinanet_lit_s' / 'mask_rcnn_lit_ti' / 'mask_rcnn_lit_s'), randomize
+    it (seeded), and ``torch.save`` it as an mmdet checkpoint to ``path`` (``None``: do not write). Returns the model
+    in eval mode; its ``state_dict()`` equals the saved ``state_dict``."""
     torch.manual_seed(int(seed))
     model = build_detector(kind, num_classes)  # the backbone is constructed first: same RNG draws as save_random_checkpoint
     randomize_(model.backbone, seed=seed + 1)
