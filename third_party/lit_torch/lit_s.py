@@ -1,6 +1,6 @@
 """PyTorch reference of the LIT-S backbone (detection and ImageNet variants), test reference only.
 
-Written from the paper and /work/shared/parity_spec.md section 12 ("LIT-S"):
+Written from the paper and shared/parity_spec.md section 12 ("LIT-S"):
 
 * PatchEmbed: zero-pad H, W (bottom/right) to multiples of 4, conv4x4/s4 (3->96), LayerNorm;
 * layers.0/1: 2 + 2 MLP blocks; layers.2/3: 6 + 2 global-MSA blocks with a relative position bias;

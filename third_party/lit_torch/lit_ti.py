@@ -1,6 +1,6 @@
 """PyTorch reference of the LIT-Ti backbone (detection and ImageNet variants), test reference only.
 
-Written from the paper and /work/shared/parity_spec.md section 12 ("LIT-Ti"):
+Written from the paper and shared/parity_spec.md section 12 ("LIT-Ti"):
 
 * stage 1: conv4x4/s4 (3->64) -> row-major tokens -> LayerNorm(eps 1e-5) -> + pos1 -> 3 MLP blocks;
 * stages 2-4: tokens -> NCHW -> DeformConv2dPack(k2, s2) -> BatchNorm2d -> GELU -> tokens -> + pos_k -> blocks
