@@ -13,7 +13,6 @@ import os
 from typing import Any, Mapping, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lit_jax.convert.mapping import ConversionReport, convert_state_dict

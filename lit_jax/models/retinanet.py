@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lit_jax.models.fpn import FPN, ConvModule
+from lit_jax.models.fpn import ConvModule
 from lit_jax.ops.anchors import AnchorConfig, feature_sizes, multilevel_anchors, multilevel_valid_flags, retinanet_anchor_config
 from lit_jax.ops.assign import max_iou_assign
 from lit_jax.ops.boxes import decode_deltas, encode_deltas

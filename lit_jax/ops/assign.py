@@ -172,9 +172,9 @@ def random_sample(key: jax.Array, pos_mask: jnp.ndarray, neg_mask: jnp.ndarray, 
     num_pos = jnp.minimum(jnp.sum(pos_mask), num_expected_pos).astype(jnp.int32)
     num_neg = jnp.minimum(jnp.sum(neg_mask), num - num_pos).astype(jnp.int32)
     if kpos > 0:
-        pidx, pok = _sorted_selection(u_pos, pos_mask, kpos, num_pos)
+        pidx, _ = _sorted_selection(u_pos, pos_mask, kpos, num_pos)
     else:
-        pidx, pok = jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool)
+        pidx = jnp.zeros((1,), jnp.int32)
     nidx, nok = _sorted_selection(u_neg, neg_mask, kneg, num_neg)
 
     slot = jnp.arange(num, dtype=jnp.int32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class MetricLogger:
             self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=2.0)
 
-    def log(self, step: int, metrics: Mapping[str, object], dispatch_seconds: float) -> None:
+    def log(self, step: int, metrics: Mapping[str, object]) -> None:
         """Record the metrics of ``step`` (device arrays are read here, one step after dispatch)."""
         if not self.enabled:
             return

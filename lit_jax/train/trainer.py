@@ -166,11 +166,10 @@ class Trainer:
         try:
             for step in range(start, total):
                 batch = next(iterator)
-                t0 = time.perf_counter()
                 state, metrics = train_step(state, {k: batch[k] for k in TRAIN_BATCH_KEYS})
                 if pending is not None:
                     self._check_finite(*pending, last_good)
-                    logger.log(pending[0], pending[1], time.perf_counter() - t0)
+                    logger.log(pending[0], pending[1])
                 pending = (step + 1, metrics)
                 done = step + 1
                 if done % ckpt_every == 0 or done == total:
@@ -183,7 +182,7 @@ class Trainer:
                     self._log_eval(self.evaluate(state), done, logger)
             if pending is not None:
                 self._check_finite(*pending, last_good)
-                logger.log(pending[0], pending[1], 0.0)
+                logger.log(pending[0], pending[1])
         finally:
             store.wait()
             store.close()
