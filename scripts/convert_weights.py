@@ -32,6 +32,8 @@ from lit_jax.models.registry import backbone_names, build_backbone, build_detect
 DETECTORS = {
     "retinanet_lit_ti": {"type": "retinanet", "backbone": "lit_ti"},
     "retinanet_lit_s": {"type": "retinanet", "backbone": "lit_s"},
+    "mask_rcnn_lit_ti": {"type": "mask_rcnn", "backbone": "lit_ti"},
+    "mask_rcnn_lit_s": {"type": "mask_rcnn", "backbone": "lit_s"},
 }
 
 

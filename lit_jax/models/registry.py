@@ -55,7 +55,7 @@ def build_detector(config: Any):
     """Builds a detector from a config (``config.model`` or the model section itself).
 
     Model section fields:
-      type: ``'retinanet'``.
+      type: ``'retinanet'`` or ``'mask_rcnn'`` (inference; training arrives with its issue).
       backbone: ``'lit_ti'`` | ``'lit_s'``; backbone_args: overrides for :func:`build_backbone`.
       num_classes (80), fpn_channels (256), dtype (``'float32'`` | ``'bfloat16'``).
       pretrained: read by the trainer (converted ImageNet weights), not here.
@@ -79,8 +79,10 @@ def build_detector(config: Any):
     backbone_args = _as_dict(model_cfg.get("backbone_args"))
     backbone_args.setdefault("dtype", dtype)
     backbone = build_backbone(model_cfg.get("backbone", "lit_ti"), **backbone_args)
+    if kind == "mask_rcnn":
+        return _build_mask_rcnn(model_cfg, backbone, num_classes, dtype)
     if kind != "retinanet":
-        raise ValueError(f"unknown detector type {kind!r}; known: ['retinanet']")
+        raise ValueError(f"unknown detector type {kind!r}; known: ['mask_rcnn', 'retinanet']")
     head_args = _as_dict(model_cfg.get("head"))
     unknown = sorted(set(head_args) - {"feat_channels", "stacked_convs"})
     if unknown:
@@ -95,3 +97,18 @@ def build_detector(config: Any):
                add_extra_convs="on_input", dtype=dtype)
     head = RetinaHead(num_classes=num_classes, num_anchors=9, dtype=dtype, **head_args)
     return RetinaNet(RetinaNetModule(backbone=backbone, neck=neck, bbox_head=head), cfg)
+
+
+def _build_mask_rcnn(model_cfg: dict, backbone, num_classes: int, dtype):
+    """Mask R-CNN (inference so far): ``train_test`` takes :class:`MaskRCNNConfig` fields."""
+    from lit_jax.models.mask_rcnn import MaskRCNNConfig, build_mask_rcnn
+
+    if model_cfg.get("head"):
+        raise ValueError("model.head is a RetinaNet setting; Mask R-CNN's heads are fixed to the original's")
+    tt_args = _as_dict(model_cfg.get("train_test"))
+    fields = set(MaskRCNNConfig.__dataclass_fields__)
+    unknown = sorted(set(tt_args) - fields)
+    if unknown:
+        raise ValueError(f"unknown model.train_test key(s) {unknown} for mask_rcnn; known: {sorted(fields)}")
+    return build_mask_rcnn(backbone, num_classes=num_classes, dtype=dtype,
+                           cfg=MaskRCNNConfig(num_classes=num_classes, **tt_args))
