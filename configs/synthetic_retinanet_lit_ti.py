@@ -1,7 +1,7 @@
 """The embedded default: RetinaNet LIT-Ti trained from scratch on the synthetic shapes dataset, on CPU.
 
 The dataset is generated and prepared on first use (section ``synthetic``). Reduced from the COCO config so the
-whole job (data, training, evaluation) finishes in about 12 minutes on 2 CPU cores, as README states:
+whole job (data, training, evaluation) finishes in about 13 minutes on 2 CPU cores, as README states:
 * backbone: LIT-Ti widths and heads, but depths 1/1/2/1 instead of 3/4/6/3 (the full depth triples the step
   time on CPU); set ``--config.model.backbone_args.depths="(3, 4, 6, 3)"`` for the full architecture;
 * images resized to 320x192 canvases; FPN and head 64 channels with 2 stacked convs; 6 classes;
