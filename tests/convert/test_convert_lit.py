@@ -158,23 +158,29 @@ def test_convert_weights_cli_writes_a_loadable_checkpoint(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_convert_weights_cli_for_a_released_style_retinanet(tmp_path):
+@pytest.mark.parametrize("kind,modules,count", [
+    ("retinanet", {"backbone", "neck", "bbox_head"}, 29_621_708),
+    ("mask_rcnn", {"backbone", "neck", "rpn_head", "roi_head"}, 39_539_144),
+])
+def test_convert_weights_cli_for_a_released_style_detector(tmp_path, kind, modules, count):
+    """A random mmdet-layout detector checkpoint converts through the CLI with every key used."""
     from lit_jax.convert.mmdet import load_mmdet_pth
     from lit_jax.models import build_detector
     from third_party.lit_torch.save_detector import save_random_detector
 
-    src = tmp_path / "retina.pth"
-    save_random_detector("retinanet_lit_ti", str(src), seed=4)
-    dst = tmp_path / "retina_out"
+    src = tmp_path / f"{kind}.pth"
+    save_random_detector(f"{kind}_lit_ti", str(src), seed=4)
+    dst = tmp_path / f"{kind}_out"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"), "--model", "retinanet_lit_ti",
+        [sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"), "--model", f"{kind}_lit_ti",
          "--src", str(src), "--dst", str(dst)],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    direct = load_mmdet_pth(src, build_detector({"type": "retinanet", "backbone": "lit_ti"}))
+    direct = load_mmdet_pth(src, build_detector({"type": kind, "backbone": "lit_ti"}))
     jax.tree_util.tree_map(np.testing.assert_array_equal, load_variables(str(dst)), direct)
-    assert set(direct["params"]) == {"backbone", "neck", "bbox_head"}
+    assert set(direct["params"]) == modules
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(direct["params"])) == count
 
 
 def test_imagenet_parameter_count_is_accounted_for(tmp_path):
@@ -187,24 +193,3 @@ def test_imagenet_parameter_count_is_accounted_for(tmp_path):
         used = report.loaded + [k for k in report.dropped if not k.endswith("relative_position_index")]
         total = sum(sd[k].numel() for k in used if not k.endswith(("running_mean", "running_var")))
         assert total == want
-
-
-def test_convert_weights_cli_for_a_released_style_mask_rcnn(tmp_path):
-    from lit_jax.convert.mmdet import load_mmdet_pth
-    from lit_jax.models import build_detector
-    from third_party.lit_torch.save_detector import save_random_detector
-
-    src = tmp_path / "mask_rcnn.pth"
-    save_random_detector("mask_rcnn_lit_ti", str(src), seed=4)
-    dst = tmp_path / "mask_rcnn_out"
-    run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"), "--model", "mask_rcnn_lit_ti",
-         "--src", str(src), "--dst", str(dst)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    direct = load_mmdet_pth(src, build_detector({"type": "mask_rcnn", "backbone": "lit_ti"}))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, load_variables(str(dst)), direct)
-    assert set(direct["params"]) == {"backbone", "neck", "rpn_head", "roi_head"}
-    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(direct["params"]))
-    assert count == 39_539_144
