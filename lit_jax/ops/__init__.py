@@ -13,4 +13,5 @@ from lit_jax.ops.losses import (
 )
 from lit_jax.ops.nms import Detections, batched_nms, multiclass_nms, topk_per_level
 from lit_jax.ops.mask_paste import paste_mask_probs, paste_masks
+from lit_jax.ops.mask_targets import batched_mask_targets_from_crops, mask_targets_from_crops
 from lit_jax.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
