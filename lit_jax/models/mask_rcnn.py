@@ -1,9 +1,10 @@
-"""Mask R-CNN inference with mmdetection 2.11 semantics: LIT backbone -> FPN (P2-P6) -> RPN -> RoI heads.
+"""Mask R-CNN with mmdetection 2.11 semantics: LIT backbone -> FPN (P2-P6) -> RPN -> RoI heads.
 
 ``shared/parity_spec.md`` §8-§10, §14. Layout NHWC; boxes ``(x1, y1, x2, y2)``. Static shapes throughout:
 ``rpn_max_per_img`` proposal slots per image (invalid slots hold zero boxes), ``max_per_img`` detection slots
 with a validity mask. :meth:`MaskRCNN.predict` is jit-able; the masks are pasted at the (static) original
-image size by :meth:`MaskRCNN.paste` (one compilation per ``ori_shape``).
+image size by :meth:`MaskRCNN.paste` (one compilation per ``ori_shape``). :meth:`MaskRCNN.loss` is the training
+path (targets in :mod:`lit_jax.models.mask_rcnn_targets`, mask targets resampled from the pipeline's GT crops).
 
 Variable paths follow the mmdet state_dict (``backbone.*``, ``neck.*``, ``rpn_head.*``,
 ``roi_head.bbox_head.*``, ``roi_head.mask_head.*``), so :func:`lit_jax.convert.mmdet.load_mmdet_pth` maps a
@@ -37,9 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lit_jax.ops.anchors import AnchorConfig, multilevel_anchors, rpn_anchor_config
+from lit_jax.models.mask_rcnn_targets import rpn_targets, sample_rois
+from lit_jax.ops.anchors import AnchorConfig, feature_sizes, multilevel_anchors, multilevel_valid_flags, rpn_anchor_config
 from lit_jax.ops.boxes import decode_deltas
+from lit_jax.ops.losses import binary_cross_entropy_with_logits, l1_loss, softmax_cross_entropy
 from lit_jax.ops.mask_paste import paste_masks
+from lit_jax.ops.mask_targets import batched_mask_targets_from_crops
 from lit_jax.ops.nms import multiclass_nms
 from lit_jax.ops.proposals import rpn_proposals
 from lit_jax.ops.roi_align import multilevel_roi_align
@@ -94,9 +98,10 @@ class MaskRCNNModule(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class MaskRCNNConfig:
-    """Test settings of the LIT Mask R-CNN configs (mmdet 2.11)."""
+    """Train and test settings of the LIT Mask R-CNN configs (mmdet 2.11 ``mask_rcnn_r50_fpn``)."""
 
     num_classes: int = 80
+    # test
     rpn_nms_pre: int = 1000
     rpn_max_per_img: int = 1000
     rpn_iou_thr: float = 0.7
@@ -105,6 +110,24 @@ class MaskRCNNConfig:
     max_per_img: int = 100
     mask_thr: float = 0.5
     finest_scale: float = 56.0
+    # train: RPN targets (MaxIoU + RandomSampler) and the proposals handed to the RoI head
+    rpn_pos_iou_thr: float = 0.7
+    rpn_neg_iou_thr: float = 0.3
+    rpn_min_pos_iou: float = 0.3
+    rpn_num_samples: int = 256
+    rpn_pos_fraction: float = 0.5
+    rpn_train_nms_pre: int = 2000
+    rpn_train_max_per_img: int = 1000
+    # train: RoI head (MaxIoU 0.5 + RandomSampler with the gts added as proposals)
+    rcnn_pos_iou_thr: float = 0.5
+    rcnn_neg_iou_thr: float = 0.5
+    rcnn_min_pos_iou: float = 0.5
+    rcnn_num_samples: int = 512
+    rcnn_pos_fraction: float = 0.25
+    # The batch's ``gt_masks`` crops hold {0, 1} (1.0) or round(255 v) (1 / 255; data.mask_binary=False).
+    gt_mask_scale: float = 1.0
+    # Images sharing one loss normaliser (the original's 2 per GPU); None: the whole batch.
+    loss_group_size: Optional[int] = None
 
 
 class MaskRCNN:
@@ -129,6 +152,12 @@ class MaskRCNN:
         """Eval forward: ``(feats (5 NHWC maps), (rpn_logits list (B, N_l), rpn_deltas list (B, N_l, 4)))``."""
         return self.module.apply(variables, images, train=False)
 
+    def train_forward(self, variables, images, rng: Optional[jax.Array] = None):
+        """Train-mode forward (BatchNorm batch statistics, drop path): ``(forward's outputs, batch_stats)``."""
+        rngs = {"dropout": rng} if rng is not None else {}
+        outs, updates = self.module.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+        return outs, updates["batch_stats"]
+
     def anchors(self, canvas_hw: tuple[int, int]) -> list[np.ndarray]:
         a = self.anchor_cfg
         return multilevel_anchors(canvas_hw, a.strides, a.scales, a.ratios, a.base_sizes)
@@ -146,14 +175,19 @@ class MaskRCNN:
         return self.module.apply(variables, roi_feats, method=MaskRCNNModule.mask_forward)
 
     # -- stages ------------------------------------------------------------------------------------------
-    def proposals(self, rpn_out, canvas_hw, img_shape):
-        """Per-image RPN proposals: ``(boxes (B, P, 4), scores (B, P), valid (B, P))``, P = rpn_max_per_img."""
+    def proposals(self, rpn_out, canvas_hw, img_shape, *, nms_pre: Optional[int] = None,
+                  max_per_img: Optional[int] = None):
+        """Per-image RPN proposals: ``(boxes (B, P, 4), scores (B, P), valid (B, P))``, P = ``max_per_img``.
+
+        Defaults: the test settings (``rpn_nms_pre``, ``rpn_max_per_img``); training passes its own."""
         cfg = self.cfg
         logits, deltas = rpn_out
         anchors = [jnp.asarray(a) for a in self.anchors(canvas_hw)]
+        nms_pre = cfg.rpn_nms_pre if nms_pre is None else nms_pre
+        max_per_img = cfg.rpn_max_per_img if max_per_img is None else max_per_img
 
         def one(lg, dl, shape):
-            return rpn_proposals(lg, dl, anchors, shape, nms_pre=cfg.rpn_nms_pre, max_per_img=cfg.rpn_max_per_img,
+            return rpn_proposals(lg, dl, anchors, shape, nms_pre=nms_pre, max_per_img=max_per_img,
                                  iou_thr=cfg.rpn_iou_thr)
 
         return jax.vmap(one)(list(logits), list(deltas), img_shape.astype(jnp.float32))
@@ -172,6 +206,119 @@ class MaskRCNN:
         boxes = boxes.reshape(boxes.shape[0], cfg.num_classes, 4)
         return multiclass_nms(boxes, scores[:, :-1], score_thr=cfg.score_thr, iou_thr=cfg.iou_thr,
                               max_num=cfg.max_per_img, valid=valid, return_inds=True)
+
+    # -- training ----------------------------------------------------------------------------------------
+    # Batch keys :meth:`loss` reads (``gt_masks``: the pipeline's per-GT crops, ``data.with_masks=True``).
+    train_batch_keys = ("images", "gt_boxes", "gt_labels", "gt_valid", "gt_masks", "img_shape", "pad_shape")
+
+    def loss(self, variables, batch: Mapping[str, jnp.ndarray], rng: Optional[jax.Array] = None, *,
+             train: bool = True):
+        """mmdet ``TwoStageDetector.forward_train`` losses for a batch; returns ``(total, aux)``.
+
+        ``batch``: ``images`` ``(B, H, W, 3)``; ``gt_boxes`` ``(B, G, 4)``, ``gt_labels`` ``(B, G)``,
+        ``gt_valid`` ``(B, G)``; ``gt_masks`` ``(B, G, m, m)`` crops of each GT mask over its own box;
+        ``img_shape`` / ``pad_shape`` ``(B, 2)`` (h, w).
+
+        Terms (each normalised per loss group of ``loss_group_size`` images, the original's per-GPU factors,
+        then averaged over groups = DDP's gradient average):
+
+        * ``loss_rpn_cls`` / ``loss_rpn_bbox``: BCE on the 256 sampled anchors and L1 on the positives' deltas,
+          both over ``sum max(#pos, 1) + sum max(#neg, 1)``;
+        * ``loss_cls``: CE over the sampled RoIs (background = ``num_classes``) / #RoIs;
+        * ``loss_bbox``: L1 on the gt class's deltas of positive RoIs / #RoIs;
+        * ``loss_mask``: BCE of the gt class's 28x28 logits against the targets resampled from ``gt_masks``
+          (:func:`lit_jax.ops.mask_targets.batched_mask_targets_from_crops`), mean over #positives x 784.
+
+        aux: the five terms, ``num_pos`` (positive RoIs), ``num_rpn_pos``, ``batch_stats``.
+        """
+        cfg = self.cfg
+        images = batch["images"]
+        b = images.shape[0]
+        g = cfg.loss_group_size or b
+        if b % g:
+            raise ValueError(f"batch {b} is not a multiple of loss_group_size {g}")
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        k_drop, k_rpn, k_roi = jax.random.split(rng, 3)
+        if train:
+            (feats, (rpn_logits, rpn_deltas)), batch_stats = self.train_forward(variables, images, k_drop)
+        else:
+            feats, (rpn_logits, rpn_deltas) = self.forward(variables, images)
+            batch_stats = variables.get("batch_stats", {})
+        gt_boxes = batch["gt_boxes"].astype(jnp.float32)
+        gt_labels = batch["gt_labels"].astype(jnp.int32)
+        gt_valid = batch["gt_valid"].astype(bool)
+        pad_shape = batch["pad_shape"]
+
+        def per_group(x):  # (B, ...) -> (B / g,) sums over each group's images and trailing axes
+            return jnp.sum(x.reshape((b // g, -1)), axis=1)
+
+        # RPN: sampled anchors.
+        canvas = images.shape[1:3]
+        anchors = jnp.asarray(np.concatenate(self.anchors(canvas)))
+        feat_hws = feature_sizes(canvas, self.anchor_cfg.strides)
+        num_base = self.anchor_cfg.num_base_anchors
+
+        def rpn_one(key, pad_hw, boxes, valid):
+            anchor_valid = jnp.concatenate(multilevel_valid_flags(feat_hws, pad_hw, self.anchor_cfg.strides, num_base))
+            return rpn_targets(key, anchors, anchor_valid, boxes, valid, pos_iou_thr=cfg.rpn_pos_iou_thr,
+                               neg_iou_thr=cfg.rpn_neg_iou_thr, min_pos_iou=cfg.rpn_min_pos_iou,
+                               num=cfg.rpn_num_samples, pos_fraction=cfg.rpn_pos_fraction)
+
+        t = jax.vmap(rpn_one)(jax.random.split(k_rpn, b), pad_shape, gt_boxes, gt_valid)
+        logits = jnp.take_along_axis(jnp.concatenate(rpn_logits, axis=1), t.indices, axis=1)  # (B, S)
+        deltas = jnp.take_along_axis(jnp.concatenate(rpn_deltas, axis=1), t.indices[..., None], axis=1)
+        rpn_cls = jnp.where(t.valid, binary_cross_entropy_with_logits(logits, t.is_pos), 0.0)
+        rpn_reg = jnp.where(t.is_pos[..., None], l1_loss(deltas, t.deltas), 0.0)
+        rpn_norm = per_group(jnp.maximum(t.num_pos, 1)) + per_group(jnp.maximum(t.num_neg, 1))
+        loss_rpn_cls = jnp.mean(per_group(rpn_cls) / rpn_norm)
+        loss_rpn_bbox = jnp.mean(per_group(rpn_reg) / rpn_norm)
+
+        # Proposals (no gradient), then the RoI sample with the gts added as candidates.
+        props, _, prop_valid = self.proposals(
+            (jax.lax.stop_gradient(rpn_logits), jax.lax.stop_gradient(rpn_deltas)), canvas,
+            batch["img_shape"].astype(jnp.float32), nms_pre=cfg.rpn_train_nms_pre,
+            max_per_img=cfg.rpn_train_max_per_img)
+
+        def roi_one(key, p, pv, boxes, labels, valid):
+            return sample_rois(key, p, pv, boxes, labels, valid, num_classes=cfg.num_classes,
+                               pos_iou_thr=cfg.rcnn_pos_iou_thr, neg_iou_thr=cfg.rcnn_neg_iou_thr,
+                               min_pos_iou=cfg.rcnn_min_pos_iou, num=cfg.rcnn_num_samples,
+                               pos_fraction=cfg.rcnn_pos_fraction, target_stds=RCNN_STDS)
+
+        s = jax.vmap(roi_one)(jax.random.split(k_roi, b), props, prop_valid, gt_boxes, gt_labels, gt_valid)
+        n = s.rois.shape[1]
+        bidx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), n)[:, None]
+        rois = jnp.concatenate([bidx, jax.lax.stop_gradient(s.rois).reshape(b * n, 4)], axis=1)
+        cls_score, bbox_pred = self.bbox_forward(variables, feats, rois)
+        ce = jnp.where(s.valid, softmax_cross_entropy(cls_score.reshape(b, n, -1), s.labels), 0.0)
+        pred = bbox_pred.reshape(b, n, cfg.num_classes, 4)
+        label_pred = jnp.take_along_axis(pred, jnp.minimum(s.labels, cfg.num_classes - 1)[..., None, None],
+                                         axis=2)[:, :, 0]
+        reg = jnp.where(s.is_pos[..., None], l1_loss(label_pred, s.deltas), 0.0)
+        num_rois = jnp.maximum(per_group(s.valid), 1).astype(jnp.float32)
+        loss_cls = jnp.mean(per_group(ce) / num_rois)
+        loss_bbox = jnp.mean(per_group(reg) / num_rois)
+
+        # Masks on the positive slots (the first int(num * pos_fraction) slots hold every positive).
+        m = int(cfg.rcnn_num_samples * cfg.rcnn_pos_fraction)
+        mrois_img = jax.lax.stop_gradient(s.rois[:, :m])
+        mpos = s.is_pos[:, :m]
+        targets = batched_mask_targets_from_crops(batch["gt_masks"], gt_boxes, mrois_img, s.gt_index[:, :m],
+                                                  pad_shape, out_size=28, crop_scale=cfg.gt_mask_scale)
+        midx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), m)[:, None]
+        mask_logits = self.mask_forward(variables, feats, jnp.concatenate([midx, mrois_img.reshape(b * m, 4)], 1))
+        labels = jnp.minimum(s.labels[:, :m], cfg.num_classes - 1).reshape(b * m)
+        label_logits = jnp.take_along_axis(mask_logits, labels[:, None, None, None], axis=3)[..., 0]
+        bce = binary_cross_entropy_with_logits(label_logits.reshape(b, m, 28, 28), targets)
+        bce = jnp.where(mpos[..., None, None], bce, 0.0)
+        mask_norm = jnp.maximum(per_group(mpos) * 28 * 28, 1).astype(jnp.float32)
+        loss_mask = jnp.mean(per_group(bce) / mask_norm)
+
+        terms = {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_bbox": loss_rpn_bbox, "loss_cls": loss_cls,
+                 "loss_bbox": loss_bbox, "loss_mask": loss_mask}
+        total = sum(terms.values())
+        aux = dict(terms, num_pos=jnp.sum(s.num_pos), num_rpn_pos=jnp.sum(t.num_pos), batch_stats=batch_stats)
+        return total, aux
 
     # -- inference ---------------------------------------------------------------------------------------
     def predict(self, variables, images, image_info: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
@@ -221,31 +368,42 @@ class MaskRCNN:
         return dict(boxes=dets.boxes, scores=dets.scores, labels=dets.labels, valid=dets.valid,
                     mask_probs=mask_probs, mask_boxes=mask_boxes, mask_valid=mask_valid)
 
-    def paste(self, mask_probs, mask_boxes, ori_shape: Sequence[int], mask_valid=None) -> np.ndarray:
-        """Bool masks ``(..., H0, W0)`` at the static original size (mmdet's GPU paste, ``>= mask_thr``).
+    def paste(self, mask_probs, mask_boxes, ori_shape: Sequence[int], mask_valid=None, *,
+              bucket: int = 1) -> np.ndarray:
+        """Bool masks ``(..., H0, W0)`` at the original size (mmdet's GPU paste, ``>= mask_thr``).
 
         ``mask_probs`` ``(..., 28, 28)``, ``mask_boxes`` ``(..., 4)``; ``mask_valid`` ``(...)``: False rows
-        (empty slots, rescaled y2 == 0) give all-False masks. Jitted per ``ori_shape``."""
+        (empty slots, rescaled y2 == 0) give all-False masks. The paste is jitted per canvas shape; with
+        ``bucket > 1`` the canvas is ``ori_shape`` rounded up to a multiple of ``bucket`` and cropped back, which
+        gives the same masks (each pixel depends only on its own coordinates and the box) with far fewer
+        compilations over a dataset of many image sizes."""
         h0, w0 = int(ori_shape[0]), int(ori_shape[1])
+        ch, cw = -(-h0 // bucket) * bucket, -(-w0 // bucket) * bucket
         probs = jnp.asarray(mask_probs, jnp.float32)
         lead = probs.shape[:-2]
         flat = probs.reshape((-1,) + probs.shape[-2:])
         boxes = jnp.asarray(mask_boxes, jnp.float32).reshape(-1, 4)
-        masks = paste_masks(flat, boxes, (h0, w0), self.cfg.mask_thr)
+        masks = paste_masks(flat, boxes, (ch, cw), self.cfg.mask_thr)
         if mask_valid is not None:
             masks = masks & jnp.asarray(mask_valid, bool).reshape(-1)[:, None, None]
-        return np.asarray(masks).reshape(lead + (h0, w0))
+        return np.asarray(masks)[:, :h0, :w0].reshape(lead + (h0, w0))
 
 
 def build_mask_rcnn(backbone: nn.Module, num_classes: int = 80, dtype=jnp.float32,
-                    cfg: Optional[MaskRCNNConfig] = None) -> MaskRCNN:
-    """The LIT Mask R-CNN: FPN(start_level 0, P6 = P5[::2, ::2]), RPNHead(3 anchors), Shared2FC + FCN heads."""
+                    cfg: Optional[MaskRCNNConfig] = None, *, fpn_channels: int = 256, fc_out_channels: int = 1024,
+                    mask_conv_channels: int = 256) -> MaskRCNN:
+    """The LIT Mask R-CNN: FPN(start_level 0, P6 = P5[::2, ::2]), RPNHead(3 anchors), Shared2FC + FCN heads.
+
+    The widths default to the original's; smaller ones are for CPU-sized experiments only."""
     from lit_jax.models.fpn import FPN
     from lit_jax.models.mask_rcnn_heads import FCNMaskHead, RPNHead, Shared2FCBBoxHead
 
-    neck = FPN(out_channels=256, num_outs=5, start_level=0, add_extra_convs=None, dtype=dtype)
-    roi_head = RoIHead(bbox_head=Shared2FCBBoxHead(num_classes=num_classes, dtype=dtype),
-                       mask_head=FCNMaskHead(num_classes=num_classes, dtype=dtype))
-    module = MaskRCNNModule(backbone=backbone, neck=neck, rpn_head=RPNHead(num_anchors=3, dtype=dtype),
-                            roi_head=roi_head)
+    neck = FPN(out_channels=fpn_channels, num_outs=5, start_level=0, add_extra_convs=None, dtype=dtype)
+    roi_head = RoIHead(bbox_head=Shared2FCBBoxHead(num_classes=num_classes, fc_out_channels=fc_out_channels,
+                                                   dtype=dtype),
+                       mask_head=FCNMaskHead(num_classes=num_classes, conv_out_channels=mask_conv_channels,
+                                             dtype=dtype))
+    module = MaskRCNNModule(backbone=backbone, neck=neck,
+                            rpn_head=RPNHead(num_anchors=3, feat_channels=fpn_channels, dtype=dtype),
+                            roi_head=roi_head, roi_channels=fpn_channels)
     return MaskRCNN(module, cfg or MaskRCNNConfig(num_classes=num_classes))

@@ -55,13 +55,15 @@ def build_detector(config: Any):
     """Builds a detector from a config (``config.model`` or the model section itself).
 
     Model section fields:
-      type: ``'retinanet'`` or ``'mask_rcnn'`` (inference; training arrives with its issue).
+      type: ``'retinanet'`` or ``'mask_rcnn'``.
       backbone: ``'lit_ti'`` | ``'lit_s'``; backbone_args: overrides for :func:`build_backbone`.
       num_classes (80), fpn_channels (256), dtype (``'float32'`` | ``'bfloat16'``).
       pretrained: read by the trainer (converted ImageNet weights), not here.
-      head: RetinaHead fields (``feat_channels``, ``stacked_convs``).
+      head: RetinaHead fields (``feat_channels``, ``stacked_convs``); Mask R-CNN: ``fc_out_channels``,
+        ``mask_conv_channels``.
       train_test: fields of :class:`lit_jax.models.retinanet.RetinaNetConfig` (assigner thresholds, focal
-        parameters, ``loss_group_size``, ``nms_pre``, ``score_thr``, ``iou_thr``, ``max_per_img``).
+        parameters, ``loss_group_size``, ``nms_pre``, ``score_thr``, ``iou_thr``, ``max_per_img``) or of
+        :class:`lit_jax.models.mask_rcnn.MaskRCNNConfig`.
     An unknown key anywhere is a ValueError naming it.
     """
     import jax.numpy as jnp
@@ -100,15 +102,20 @@ def build_detector(config: Any):
 
 
 def _build_mask_rcnn(model_cfg: dict, backbone, num_classes: int, dtype):
-    """Mask R-CNN (inference so far): ``train_test`` takes :class:`MaskRCNNConfig` fields."""
+    """Mask R-CNN: ``train_test`` takes :class:`MaskRCNNConfig` fields; ``head`` the widths
+    ``fc_out_channels`` (1024) and ``mask_conv_channels`` (256)."""
     from lit_jax.models.mask_rcnn import MaskRCNNConfig, build_mask_rcnn
 
-    if model_cfg.get("head"):
-        raise ValueError("model.head is a RetinaNet setting; Mask R-CNN's heads are fixed to the original's")
+    head_args = _as_dict(model_cfg.get("head"))
+    head_keys = {"fc_out_channels", "mask_conv_channels"}
+    unknown = sorted(set(head_args) - head_keys)
+    if unknown:
+        raise ValueError(f"unknown model.head key(s) {unknown} for mask_rcnn; known: {sorted(head_keys)}")
     tt_args = _as_dict(model_cfg.get("train_test"))
     fields = set(MaskRCNNConfig.__dataclass_fields__)
     unknown = sorted(set(tt_args) - fields)
     if unknown:
         raise ValueError(f"unknown model.train_test key(s) {unknown} for mask_rcnn; known: {sorted(fields)}")
     return build_mask_rcnn(backbone, num_classes=num_classes, dtype=dtype,
-                           cfg=MaskRCNNConfig(num_classes=num_classes, **tt_args))
+                           cfg=MaskRCNNConfig(num_classes=num_classes, **tt_args),
+                           fpn_channels=int(model_cfg.get("fpn_channels", 256)), **head_args)

@@ -142,6 +142,9 @@ class RetinaNet:
         return multilevel_anchors(canvas_hw, a.strides, a.scales, a.ratios, a.base_sizes)
 
     # -- training ----------------------------------------------------------------------------------------
+    # Batch keys :meth:`loss` reads.
+    train_batch_keys = ("images", "gt_boxes", "gt_labels", "gt_valid", "pad_shape")
+
     def image_targets(self, anchors, anchor_valid, gt_boxes, gt_labels, gt_valid):
         """Targets for one image. anchors ``(N, 4)``, anchor_valid ``(N,)``, gt ``(G, ...)``.
 
