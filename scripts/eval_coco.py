@@ -7,8 +7,9 @@
 
 --checkpoint takes a training workdir (latest step), a checkpoint step folder, or a convert_weights.py output
 folder; --pth a released mmdet checkpoint, converted on the fly (read without torch, no code executed).
-Detections go to --out (COCO results JSON: original category ids, xywh boxes of the original image), then
-pycocotools' tables are printed. Config keys can be overridden with --config.a.b=value.
+Detections go to --out (default results.json beside the checkpoint; a COCO results JSON: original category
+ids, xywh boxes of the original image, and for Mask R-CNN an RLE ``segmentation`` per detection), then
+pycocotools' tables are printed: bbox, and segm for Mask R-CNN (or for a results file with segmentations). Config keys can be overridden with --config.a.b=value.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             variables = trainer.load_variables(checkpoint=args.checkpoint, pth=args.pth)
             out = args.out or os.path.join(
                 os.path.dirname(os.path.abspath(args.pth)) if args.pth else os.path.abspath(args.checkpoint),
-                "results_bbox.json")
+                "results.json")
             stats = trainer.evaluate(variables, results_path=out)
             if trainer.is_main:
                 print(f"results written to {out}")
@@ -69,7 +70,10 @@ def evaluate_results_only(config, results_path: str) -> dict:
 
     ann = config.eval.get("ann_file", "") or annotation_file(
         open_source(config.data.data_dir, config.data.dataset), config.data.eval_split)
-    return evaluate_results_file(ann, results_path, iou_types=("bbox",))
+    with open(results_path) as f:
+        results = json.load(f)
+    with_segm = any("segmentation" in r for r in results)
+    return evaluate_results_file(ann, results_path, iou_types=("bbox", "segm") if with_segm else ("bbox",))
 
 
 if __name__ == "__main__":

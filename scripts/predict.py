@@ -68,9 +68,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    keep = np.asarray(dets.valid[0])
-    boxes, scores, labels = (np.asarray(x[0])[keep] for x in (dets.boxes, dets.scores, dets.labels))
-    drawn = draw_detections(original, boxes, scores, labels, names, score_thr=args.score_thr)
+    dets = dets._asdict() if hasattr(dets, "_asdict") else dict(dets)  # RetinaNet: Detections; Mask R-CNN: dict
+    keep = np.asarray(dets["valid"][0])
+    boxes, scores, labels = (np.asarray(dets[k][0])[keep] for k in ("boxes", "scores", "labels"))
+    masks = None
+    if "mask_probs" in dets:  # Mask R-CNN: masks pasted at the original size, as for evaluation
+        masks = trainer.detector.paste(dets["mask_probs"][0], dets["mask_boxes"][0], original.shape[:2],
+                                       dets["mask_valid"][0])[keep]
+    drawn = draw_detections(original, boxes, scores, labels, names, score_thr=args.score_thr, masks=masks)
     save_image(args.out, drawn)
     shown = int(np.sum(scores > args.score_thr))
     print(f"{len(scores)} detections, {shown} above {args.score_thr} drawn to {args.out}")

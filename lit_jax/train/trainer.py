@@ -29,7 +29,6 @@ from lit_jax.train.optim import build_optimizer, step_schedule_with_warmup
 
 log = logging.getLogger(__name__)
 
-TRAIN_BATCH_KEYS = ("images", "gt_boxes", "gt_labels", "gt_valid", "pad_shape")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,12 +47,18 @@ class TrainState:
 
 
 def _model_section(config: ml_collections.ConfigDict) -> dict:
-    """The model config with the train-time statistics grouping filled in."""
+    """The model config with what the trainer decides filled in: the train-time statistics grouping and, for
+    Mask R-CNN, the scale of the pipeline's mask crops ({0, 1} or 255 levels)."""
     model = config.model.to_dict()
     group = int(config.train.get("stats_group_size", 0) or 0) or None
     model.setdefault("backbone_args", {})
     model["backbone_args"] = dict(model["backbone_args"], bn_group_size=group)
     model["train_test"] = dict(model.get("train_test", {}), loss_group_size=group)
+    if model.get("type") == "mask_rcnn":
+        if not config.data.get("with_masks", False):
+            raise ValueError("model.type='mask_rcnn' trains on mask targets: set data.with_masks=True")
+        binary = bool(config.data.get("mask_binary", True))
+        model["train_test"]["gt_mask_scale"] = 1.0 if binary else 1.0 / 255.0
     return model
 
 
@@ -166,7 +171,7 @@ class Trainer:
         try:
             for step in range(start, total):
                 batch = next(iterator)
-                state, metrics = train_step(state, {k: batch[k] for k in TRAIN_BATCH_KEYS})
+                state, metrics = train_step(state, {k: batch[k] for k in self.detector.train_batch_keys})
                 if pending is not None:
                     self._check_finite(*pending, last_good)
                     logger.log(pending[0], pending[1])
@@ -196,11 +201,11 @@ class Trainer:
         loss = float(metrics["loss"])
         if not all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "update_norm")):
             kept = f"step {last_good}" if last_good is not None else "none (no checkpoint was written yet)"
+            terms = ", ".join(f"{k} {float(v)}" for k, v in sorted(metrics.items())
+                              if k.startswith("loss_") or k.endswith("_norm"))
             raise NonFiniteLossError(
-                f"non-finite loss {loss} at step {step} (loss_cls {float(metrics['loss_cls'])}, loss_bbox "
-                f"{float(metrics['loss_bbox'])}, grad_norm {float(metrics['grad_norm'])}, update_norm "
-                f"{float(metrics['update_norm'])}); stopped without saving; last good checkpoint: {kept} in "
-                f"{os.path.join(self.workdir, 'checkpoints')}")
+                f"non-finite loss {loss} at step {step} ({terms}); stopped without saving; last good checkpoint: "
+                f"{kept} in {os.path.join(self.workdir, 'checkpoints')}")
 
     def _log_eval(self, stats: dict, step: int, logger) -> None:
         if not self.is_main or not stats:
@@ -214,7 +219,8 @@ class Trainer:
             logger.scalars(step, {f"eval/{k}": v for k, v in stats.items() if isinstance(v, float)})
 
     def evaluate(self, state_or_variables, *, results_path: Optional[str] = None) -> dict:
-        """COCO bbox evaluation on ``data.eval_split``; returns mmdet-style stats (process 0) or {}."""
+        """COCO evaluation on ``data.eval_split`` (bbox; bbox and segm for Mask R-CNN); returns mmdet-style stats
+        (process 0) or {}."""
         from lit_jax.data.pipeline import make_eval_dataset
         from lit_jax.evaluation.coco_eval import CocoEvaluator
 
@@ -241,25 +247,48 @@ class Trainer:
             variables = jax.device_put(variables, sharding.replicated(self.mesh))
             batches = data.global_batches(self.mesh)
             gather = sharding.to_host
+        with_masks = hasattr(self.detector, "paste")
+        # Masks are pasted and RLE-encoded where the detections are at hand: per image on each process, or
+        # (bucket mode, where every process holds the gathered batch) on process 0 only.
+        encode_here = mode == "per_image" or self.is_main
         collected = []
         for batch in batches:
-            dets = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
-            collected.append({
-                "image_id": gather(batch["image_id"]), "valid": gather(batch["valid"]) if "valid" in batch else None,
-                "boxes": gather(dets.boxes), "scores": gather(dets.scores), "labels": gather(dets.labels),
-                "det_valid": gather(dets.valid),
-            })
+            out = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
+            out = out._asdict() if hasattr(out, "_asdict") else dict(out)
+            c = {"image_id": gather(batch["image_id"]), "valid": gather(batch["valid"]) if "valid" in batch else None,
+                 "boxes": gather(out["boxes"]), "scores": gather(out["scores"]), "labels": gather(out["labels"]),
+                 "det_valid": gather(out["valid"])}
+            if with_masks and encode_here:
+                c["masks"] = self._encode_masks(gather(out["mask_probs"]), gather(out["mask_boxes"]),
+                                                gather(out["mask_valid"]), c["det_valid"], gather(batch["ori_shape"]))
+            collected.append(c)
         if mode == "per_image" and jax.process_count() > 1:
             collected = _allgather_pickled(collected)
         if evaluator is None:
             return {}
         for c in collected:
             keep = c["valid"].astype(bool) if c["valid"] is not None else np.ones(len(c["image_id"]), bool)
+            masks = [m for m, k in zip(c["masks"], keep) if k] if with_masks else None
             evaluator.add(c["image_id"][keep], c["boxes"][keep], c["scores"][keep], c["labels"][keep],
-                          c["det_valid"][keep], label_to_cat)
+                          c["det_valid"][keep], label_to_cat, masks=masks)
         if results_path:
             evaluator.write(results_path)
-        return evaluator.evaluate(iou_types=("bbox",))
+        return evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",))
+
+    def _encode_masks(self, mask_probs, mask_boxes, mask_valid, det_valid, ori_shape) -> list:
+        """Per image of a batch: the RLEs of its valid detections' masks, pasted at the original size."""
+        from lit_jax.evaluation.coco_eval import encode_masks
+
+        out = []
+        for i in range(len(det_valid)):
+            slots = np.flatnonzero(det_valid[i])
+            h0, w0 = (int(v) for v in ori_shape[i][:2])
+            if not len(slots) or h0 <= 0 or w0 <= 0:  # no detections, or an eval padding image
+                out.append([])
+                continue
+            masks = self.detector.paste(mask_probs[i], mask_boxes[i], (h0, w0), mask_valid[i], bucket=128)
+            out.append(encode_masks(masks[slots]))
+        return out
 
     def load_variables(self, *, checkpoint: Optional[str] = None, pth: Optional[str] = None) -> dict:
         """Detector variables from a released mmdet ``.pth``, a converted folder, a workdir or a checkpoint.
@@ -316,11 +345,11 @@ def build_train_step(detector, tx: optax.GradientTransformation, schedule, mesh)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss, "loss_cls": aux["loss_cls"], "loss_bbox": aux["loss_bbox"],
-            "num_pos": aux["num_pos"].astype(jnp.float32), "grad_norm": optax.tree.norm(grads),
+        metrics = {k: v for k, v in aux.items() if k.startswith("loss_")}  # the detector's loss terms
+        metrics.update({
+            "loss": loss, "num_pos": aux["num_pos"].astype(jnp.float32), "grad_norm": optax.tree.norm(grads),
             "update_norm": optax.tree.norm(updates), "lr": schedule(state.step),
-        }
+        })
         new = state.replace(step=state.step + 1, params=params, batch_stats=aux["batch_stats"], opt_state=opt_state)
         return new, metrics
 
