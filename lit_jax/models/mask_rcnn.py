@@ -110,6 +110,12 @@ class MaskRCNNConfig:
     max_per_img: int = 100
     mask_thr: float = 0.5
     finest_scale: float = 56.0
+    # Static cap on RoIAlign's adaptive samples per bin axis (sampling_ratio 0). Inference: 16, exact for every
+    # RoI whose adaptive grid fits (elongated boxes need more than the library default of 8 / 4); the loop
+    # skips grid steps no RoI of the batch needs, so a large cap costs nothing unless used. Training: None = the
+    # library default (roi_align module docstring), which bounds the backward's cost and memory.
+    roi_max_samples_test: Optional[int] = 16
+    roi_max_samples_train: Optional[int] = None
     # train: RPN targets (MaxIoU + RandomSampler) and the proposals handed to the RoI head
     rpn_pos_iou_thr: float = 0.7
     rpn_neg_iou_thr: float = 0.3
@@ -162,17 +168,20 @@ class MaskRCNN:
         a = self.anchor_cfg
         return multilevel_anchors(canvas_hw, a.strides, a.scales, a.ratios, a.base_sizes)
 
-    def bbox_forward(self, variables, feats, rois):
+    def bbox_forward(self, variables, feats, rois, *, train: bool = False):
         """RoIAlign 7x7 on P2-P5 + bbox head for rois ``(R, 5)`` ``[b, x1, y1, x2, y2]`` (no quirk)."""
-        roi_feats = multilevel_roi_align(feats[:4], rois, 7, strides=ROI_STRIDES, finest_scale=self.cfg.finest_scale,
-                                         sampling_ratio=0, aligned=True)
+        roi_feats = self._roi_features(feats, rois, 7, train)
         return self.module.apply(variables, roi_feats, method=MaskRCNNModule.bbox_forward)
 
-    def mask_forward(self, variables, feats, rois):
+    def mask_forward(self, variables, feats, rois, *, train: bool = False):
         """RoIAlign 14x14 on P2-P5 + mask head: logits ``(R, 28, 28, num_classes)``."""
-        roi_feats = multilevel_roi_align(feats[:4], rois, 14, strides=ROI_STRIDES,
-                                         finest_scale=self.cfg.finest_scale, sampling_ratio=0, aligned=True)
+        roi_feats = self._roi_features(feats, rois, 14, train)
         return self.module.apply(variables, roi_feats, method=MaskRCNNModule.mask_forward)
+
+    def _roi_features(self, feats, rois, out: int, train: bool):
+        cap = self.cfg.roi_max_samples_train if train else self.cfg.roi_max_samples_test
+        return multilevel_roi_align(feats[:4], rois, out, strides=ROI_STRIDES, finest_scale=self.cfg.finest_scale,
+                                    sampling_ratio=0, aligned=True, max_samples=cap)
 
     # -- stages ------------------------------------------------------------------------------------------
     def proposals(self, rpn_out, canvas_hw, img_shape, *, nms_pre: Optional[int] = None,
@@ -289,7 +298,7 @@ class MaskRCNN:
         n = s.rois.shape[1]
         bidx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), n)[:, None]
         rois = jnp.concatenate([bidx, jax.lax.stop_gradient(s.rois).reshape(b * n, 4)], axis=1)
-        cls_score, bbox_pred = self.bbox_forward(variables, feats, rois)
+        cls_score, bbox_pred = self.bbox_forward(variables, feats, rois, train=True)
         ce = jnp.where(s.valid, softmax_cross_entropy(cls_score.reshape(b, n, -1), s.labels), 0.0)
         pred = bbox_pred.reshape(b, n, cfg.num_classes, 4)
         label_pred = jnp.take_along_axis(pred, jnp.minimum(s.labels, cfg.num_classes - 1)[..., None, None],
@@ -306,7 +315,8 @@ class MaskRCNN:
         targets = batched_mask_targets_from_crops(batch["gt_masks"], gt_boxes, mrois_img, s.gt_index[:, :m],
                                                   pad_shape, out_size=28, crop_scale=cfg.gt_mask_scale)
         midx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), m)[:, None]
-        mask_logits = self.mask_forward(variables, feats, jnp.concatenate([midx, mrois_img.reshape(b * m, 4)], 1))
+        mask_logits = self.mask_forward(variables, feats, jnp.concatenate([midx, mrois_img.reshape(b * m, 4)], 1),
+                                        train=True)
         labels = jnp.minimum(s.labels[:, :m], cfg.num_classes - 1).reshape(b * m)
         label_logits = jnp.take_along_axis(mask_logits, labels[:, None, None, None], axis=3)[..., 0]
         bce = binary_cross_entropy_with_logits(label_logits.reshape(b, m, 28, 28), targets)

@@ -1,6 +1,7 @@
-"""Mask R-CNN (LIT-Ti) inference parity against the PyTorch reference of mmdet 2.11's ``simple_test``.
+"""Mask R-CNN (LIT-Ti and LIT-S) inference parity against the PyTorch reference of mmdet 2.11's ``simple_test``.
 
-A random-weight mmdet-layout checkpoint (``save_random_detector('mask_rcnn_lit_ti', ...)``) is converted by the
+A random-weight mmdet-layout checkpoint (``save_random_detector('mask_rcnn_lit_ti' | 'mask_rcnn_lit_s', ...)``,
+every test runs for both backbones) is converted by the
 generic rule and run on a non-square 32-padded canvas with ``img_shape < pad shape`` and ``w_s != h_s``.
 
 Stages and tolerances:
@@ -55,11 +56,12 @@ def _nhwc(t):
     return t.permute(0, 2, 3, 1).numpy()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mask_rcnn") / "mask_rcnn_lit_ti.pth"
-    ref = save_random_detector("mask_rcnn_lit_ti", str(path), seed=5)
-    det = build_mask_rcnn(build_backbone("lit_ti"), num_classes=80)
+@pytest.fixture(scope="module", params=["lit_ti", "lit_s"])
+def setup(tmp_path_factory, request):
+    backbone = request.param
+    path = tmp_path_factory.mktemp("mask_rcnn") / f"mask_rcnn_{backbone}.pth"
+    ref = save_random_detector(f"mask_rcnn_{backbone}", str(path), seed=5)
+    det = build_mask_rcnn(build_backbone(backbone), num_classes=80)
     variables = load_mmdet_pth(path, det)
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, CANVAS[0], CANVAS[1], 3)).astype(np.float32)
@@ -103,8 +105,15 @@ def test_top1000_proposals_match(setup):
     out, want = setup["out"], setup["props_ref"].numpy()
     n = int(out["proposal_valid"][0].sum())
     assert n == len(want) == 1000, "the canvas should give more than 1000 proposals so the cut is exercised"
-    np.testing.assert_allclose(np.asarray(out["proposal_scores"][0]), want[:, 4], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out["proposals"][0]), want[:, :4], atol=1e-3, rtol=0)
+    scores, boxes = np.asarray(out["proposal_scores"][0]), np.asarray(out["proposals"][0])
+    np.testing.assert_allclose(scores, want[:, 4], atol=1e-5, rtol=0)
+    # Slot by slot, except that proposals whose scores tie within 1e-5 may come in either order (round-off
+    # decides; see lit_jax.ops.proposals on ties): such a slot must hold a reference box of a tied score.
+    swapped = np.flatnonzero(np.abs(boxes - want[:, :4]).max(1) > 1e-3)
+    for i in swapped:
+        tied = np.flatnonzero(np.abs(want[:, 4] - scores[i]) <= 1e-5)
+        assert np.abs(want[tied, :4] - boxes[i]).max(1).min() <= 1e-3, f"proposal {i} has no reference match"
+    assert len(swapped) <= 4, f"{len(swapped)} proposals out of order"
 
 
 def test_roi_heads_on_reference_rois(setup):

@@ -172,7 +172,7 @@ def _reference_losses(det, variables, batch):
         cand, inds = cand[keep], inds[keep]
         rois = np.concatenate([np.full((len(cand), 1), 0.0), cand], 1).astype(np.float32)
         one = jax.tree_util.tree_map(lambda f: f[i:i + 1], feats)
-        cls, reg = (np.asarray(x) for x in det.bbox_forward(variables, one, jnp.asarray(rois)))
+        cls, reg = (np.asarray(x) for x in det.bbox_forward(variables, one, jnp.asarray(rois), train=True))
         labels = np.where(inds > 0, labs[np.maximum(inds - 1, 0)], NUM_CLASSES)
         logp = cls.astype(np.float64) - np.log(np.exp(cls.astype(np.float64)).sum(1, keepdims=True))
         ce_sum += -logp[np.arange(len(cand)), labels].sum()
@@ -187,7 +187,7 @@ def _reference_losses(det, variables, batch):
                                                      jnp.asarray(cand[pos]),
                                                      jnp.asarray(np.flatnonzero(gtv[i])[inds[pos] - 1], np.int32),
                                                      jnp.asarray(pad[i])))
-            ml = np.asarray(det.mask_forward(variables, one, jnp.asarray(rois[pos])))
+            ml = np.asarray(det.mask_forward(variables, one, jnp.asarray(rois[pos]), train=True))
             ml = ml[np.arange(pos.sum()), :, :, labels[pos]]
             mask_sum += _bce(ml, tgt).sum()
             n_mask += pos.sum() * 28 * 28
