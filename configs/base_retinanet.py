@@ -59,6 +59,8 @@ def retinanet_config(backbone: str) -> ml_collections.ConfigDict:
         "checkpoint_every_steps": 2000,
         "keep_checkpoints": 3,
         "eval_every_epochs": 1,
+        # Batches read and put on the devices ahead of the step by a background thread (0: read in the step).
+        "prefetch": 2,
     })
 
     c.eval = ml_collections.ConfigDict({

@@ -152,15 +152,18 @@ class Trainer:
         store = CheckpointStore(os.path.join(self.workdir, "checkpoints"),
                                 keep=int(cfg.train.keep_checkpoints), async_save=True)
         state = self.init_state(tx)
-        iterator = DataIterator(data, self.mesh, os.path.join(self.workdir, "data_state"))
-        if store.latest_step() is not None:
+        ckpt_every = int(cfg.train.checkpoint_every_steps)
+        resume = store.latest_step()
+        iterator = DataIterator(data, self.mesh, os.path.join(self.workdir, "data_state"),
+                                prefetch=int(cfg.train.get("prefetch", 2)), start_step=resume or 0,
+                                checkpoint_every=ckpt_every, total_steps=total)
+        if resume is not None:
             step, state, extra = store.restore(state)
             iterator.restore(step)
             log.info("resumed from step %d (%s)", step, extra.get("time", ""))
         start = int(state.step)
         train_step = self.make_train_step(tx, schedule)
         eval_every = int(cfg.train.get("eval_every_epochs", 1) or 0) * steps_per_epoch
-        ckpt_every = int(cfg.train.checkpoint_every_steps)
         logger = MetricLogger(self.workdir, total=total, initial=start, enabled=self.is_main,
                               every=int(cfg.train.log_every_steps),
                               images_per_step=self.data_cfg.global_batch_size)
@@ -189,6 +192,7 @@ class Trainer:
                 self._check_finite(*pending, last_good)
                 logger.log(pending[0], pending[1])
         finally:
+            iterator.close()
             store.wait()
             store.close()
             logger.close()
@@ -405,14 +409,20 @@ def _allgather_pickled(items: list) -> list:
 
 
 class DataIterator:
-    """Global training batches with a resumable position.
+    """Global training batches with a resumable position, prefetched to the devices.
 
     The tf.data iterator state of each process is saved with ``tf.train.Checkpoint`` under
     ``directory/step_N/process_K`` next to each model checkpoint, so a resumed run continues with exactly the
     batches an uninterrupted run would have seen.
+
+    With ``prefetch > 0`` a background thread reads the next batches and puts them on the devices
+    (``jax.make_array_from_process_local_data``) while the current step runs, keeping up to ``prefetch`` ready.
+    It never reads past the next checkpoint step (``checkpoint_steps``), so when the trainer saves, every batch
+    read has been consumed and the saved tf.data position is exact; it resumes after the save.
     """
 
-    def __init__(self, data, mesh, directory: str):
+    def __init__(self, data, mesh, directory: str, *, prefetch: int = 0, start_step: int = 0,
+                 checkpoint_every: int = 0, total_steps: int = 0):
         import tensorflow as tf
 
         self._tf = tf
@@ -422,11 +432,14 @@ class DataIterator:
         self._it = iter(data.dataset)
         self._ckpt = tf.train.Checkpoint(iterator=self._it)
         self._truncation = None
+        self._prefetch = int(prefetch)
+        self._every = int(checkpoint_every)
+        self._total = int(total_steps)
+        self._thread = None
+        self._consumed = self._produced = int(start_step)
 
-    def _path(self, step: int) -> str:
-        return os.path.join(self.directory, f"step_{step}", f"process_{jax.process_index()}")
-
-    def __next__(self) -> dict:
+    # -- reading -------------------------------------------------------------------------------------------
+    def _read(self) -> dict:
         from lit_jax.data.pipeline import _TruncationLog
 
         if self._truncation is None:
@@ -434,7 +447,65 @@ class DataIterator:
         local = self._truncation({k: v.numpy() for k, v in next(self._it).items()})
         return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
 
+    def _next_boundary(self, step: int) -> int:
+        """The first checkpoint step after ``step`` (reading stops there until it is saved)."""
+        ends = [self._total] if self._total else []
+        if self._every:
+            ends.append((step // self._every + 1) * self._every)
+        return min(ends) if ends else step + (1 << 30)
+
+    def _start(self) -> None:
+        import queue
+        import threading
+
+        self._queue = queue.Queue(maxsize=self._prefetch)
+        self._cond = threading.Condition()
+        self._allowed = self._next_boundary(self._consumed)
+        self._closed = False
+        self._thread = threading.Thread(target=self._produce, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        while True:
+            with self._cond:
+                while self._produced >= self._allowed and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                item = self._read()
+            except BaseException as err:  # StopIteration or a data error: re-raised in the training thread
+                self._queue.put(err)
+                return
+            self._produced += 1
+            while True:  # a bounded put that notices close()
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    break
+                except Exception:
+                    if self._closed:
+                        return
+
+    def __next__(self) -> dict:
+        if not self._prefetch:
+            self._consumed += 1
+            return self._read()
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._consumed += 1
+        return item
+
+    # -- position ------------------------------------------------------------------------------------------
+    def _path(self, step: int) -> str:
+        return os.path.join(self.directory, f"step_{step}", f"process_{jax.process_index()}")
+
     def save(self, step: int) -> None:
+        if self._thread is not None and self._produced != self._consumed:
+            raise RuntimeError(f"data position at step {step}: {self._produced} batches read but {self._consumed} "
+                               "consumed (saves must happen at the checkpoint steps the iterator was given)")
         path = self._path(step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._ckpt.write(path)
@@ -444,8 +515,15 @@ class DataIterator:
             import shutil
 
             shutil.rmtree(os.path.join(self.directory, f"step_{old}"), ignore_errors=True)
+        if self._thread is not None:
+            with self._cond:
+                self._allowed = self._next_boundary(step)
+                self._cond.notify_all()
 
     def restore(self, step: int) -> None:
+        if self._thread is not None:
+            raise RuntimeError("restore the data position before reading batches")
+        self._consumed = self._produced = step
         path = self._path(step)
         if os.path.exists(path + ".index"):
             self._ckpt.read(path).assert_consumed()
@@ -454,3 +532,10 @@ class DataIterator:
         log.warning("no saved data position for step %d (%s): skipping %d batches to reach it", step, path, step)
         for _ in range(step):
             next(self._it)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(timeout=5)
