@@ -13,38 +13,14 @@ whole job (data, training, evaluation) finishes in about 13 minutes on 2 CPU cor
 import os
 import sys
 
-import ml_collections
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from base_retinanet import retinanet_config  # noqa: E402
+from base_synthetic import apply_synthetic_cpu_settings  # noqa: E402
 
 
 def get_config():
-    c = retinanet_config("lit_ti")
-    c.synthetic = ml_collections.ConfigDict({
-        "root": "data", "train": 400, "val": 50, "seed": 0, "max_side": 320,
-    })
-    c.model.pretrained = ""
-    # LIT-Ti widths and heads; depth reduced for CPU (see above). Spelled out so it can be overridden.
-    c.model.backbone_args.embed_dims = (64, 128, 320, 512)
-    c.model.backbone_args.depths = (1, 1, 2, 1)
-    c.model.backbone_args.num_heads = (1, 2, 5, 8)
-    c.model.num_classes = 6
-    c.model.fpn_channels = 64
+    c = apply_synthetic_cpu_settings(retinanet_config("lit_ti"))
     c.model.head.feat_channels = 64
     c.model.head.stacked_convs = 2
-    # data.data_dir / data.dataset are set by lit_jax.main from the synthetic section.
-    c.data.img_scale = (320, 192)
-    c.data.global_batch_size = 8
-    c.data.eval_global_batch_size = 8
-    c.data.shuffle_buffer = 256
-    c.optimizer.lr = 3e-4
-    c.optimizer.grad_clip = 5.0
-    c.schedule.epochs = 12
-    c.schedule.warmup_iters = 100
-    c.train.log_every_steps = 10
-    c.train.checkpoint_every_steps = 200
-    c.train.eval_every_epochs = 0  # evaluate once, at the end
-    c.eval.mode = "bucket"
     return c
