@@ -28,15 +28,18 @@ def add_model_source(parser: argparse.ArgumentParser):
     return group
 
 
-def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
-    """-> (args, config); a config problem is printed as ``error: ...`` and exits with status 2."""
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, prepare=None):
+    """-> (args, config); a config problem is printed as ``error: ...`` and exits with status 2.
+
+    ``prepare(config)``: see :func:`lit_jax.config.load_config` (runs before the overrides are applied).
+    """
     from lit_jax.config import ConfigError, load_config, split_overrides
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rest, overrides = split_overrides(argv)
         args = parser.parse_args(rest)
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, prepare=prepare)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

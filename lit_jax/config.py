@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
@@ -95,8 +95,16 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
     return rest, overrides
 
 
-def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+def load_config(path: str, overrides: Sequence[tuple[str, str]] = (),
+                prepare: Optional[Callable[[ml_collections.ConfigDict], None]] = None) -> ml_collections.ConfigDict:
+    """The config file's ``get_config()`` with the overrides applied.
+
+    ``prepare(config)``, when given, runs before the overrides: a tool can add keys of its own there (with their
+    defaults) so that ``--config.a.b=v`` may name them.
+    """
     config = load_config_file(path)
+    if prepare is not None:
+        prepare(config)
     for key, text in overrides:
         apply_override(config, key, text)
     return config

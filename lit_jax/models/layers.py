@@ -83,6 +83,22 @@ class MLPBlock(nn.Module):
         return x + DropPath(self.drop_path, name="drop_path")(y, deterministic=not train)
 
 
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+REL_BIAS_IMPLS = ("fused", "gather")
+
+# Queries per chunk of the einsum attention on CPU when ``query_chunk`` is None (auto). Measured on 2 cores at
+# 800x1344 (docs/benchmarks.md, "Performance harness"): 128 keeps a chunk's logits (heads x 128 x N floats) in
+# cache and was fastest of 64/128/256/512 for both LIT-Ti and LIT-S stage-3 attention.
+CPU_QUERY_CHUNK = 128
+
+
+def resolve_query_chunk(query_chunk: Optional[int]) -> int:
+    """``None`` (auto): :data:`CPU_QUERY_CHUNK` when tracing for CPU, else 0 (all queries at once)."""
+    if query_chunk is None:
+        return CPU_QUERY_CHUNK if jax.default_backend() == "cpu" else 0
+    return int(query_chunk)
+
+
 class GlobalAttention(nn.Module):
     """Global multi-head self-attention with a fused ``qkv`` projection.
 
@@ -90,39 +106,101 @@ class GlobalAttention(nn.Module):
     ``bias_mode='relative'`` is LIT-S's: ``softmax((q * hd^-0.5) @ k^T + B) @ v``, where B comes from a learned
     ``relative_position_bias_table`` of shape ``((2R-1)^2, heads)`` that is bicubically resized at every call to
     the ``(2H-1, 2W-1)`` offsets of the current ``H x W`` token grid (see :func:`relative_position_bias`).
+
+    Attributes:
+      impl: ``'einsum'`` (default): head-major einsums ``(B, heads, N, hd)`` with the softmax in float32, optionally
+        over chunks of queries; ``'dot_product'``: ``jax.nn.dot_product_attention`` (``implementation=None``: XLA
+        picks, the XLA path on CPU); ``'cudnn'``: the same with ``implementation='cudnn'`` (GPU only, fp16/bf16).
+        The dot_product paths scale the logits after ``q @ k^T`` (LIT-S's original scales q first): float32
+        round-off only.
+      query_chunk: einsum only: queries per chunk (``lax.map`` over chunks, the last one zero-padded); each chunk's
+        softmax is the same row-wise computation, so the values equal the unchunked ones. 0: no chunking; None:
+        auto (:func:`resolve_query_chunk`: 128 on CPU, where it keeps the logits in cache; 0 elsewhere).
+      rel_bias_impl: LIT-S's bias lookup. ``'fused'`` (default): the ``(2H-1)(2W-1)`` offset index of each
+        (query, key) pair is computed from iotas, so XLA fuses the table lookup into the logits (no ``(N, N)``
+        index constant, no materialised ``(heads, N, N)`` bias outside ``'dot_product'``). ``'gather'``: the
+        previous formulation: a numpy ``(N, N)`` index constant per block (70 MB at 800x1344's stage 3) and a
+        materialised ``(heads, N, N)`` bias. Both read the same table entries: identical values.
     """
 
     num_heads: int
     bias_mode: str = "none"  # 'none' | 'relative'
     table_size: int = 0  # R: the table covers offsets in [-(R-1), R-1] along each axis
+    impl: str = "einsum"
+    query_chunk: Optional[int] = None
+    rel_bias_impl: str = "fused"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, hw: tuple[int, int]):
         """x: ``(B, N, C)`` tokens of a row-major ``hw = (H, W)`` grid, ``N = H*W`` -> ``(B, N, C)``."""
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention impl {self.impl!r}; known: {list(ATTENTION_IMPLS)}")
+        if self.rel_bias_impl not in REL_BIAS_IMPLS:
+            raise ValueError(f"unknown rel_bias_impl {self.rel_bias_impl!r}; known: {list(REL_BIAS_IMPLS)}")
         b, n, c = x.shape
         hd = c // self.num_heads
         scale = hd**-0.5
         qkv = nn.Dense(3 * c, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
-        # (B, N, 3, heads, hd) as torch's reshape, then split.
+        # (B, N, 3, heads, hd) as torch's reshape.
         qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, hd)
-        if self.bias_mode == "none":
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        elif self.bias_mode == "relative":
+        bias_rows = None
+        if self.bias_mode == "relative":
             side = 2 * self.table_size - 1
             table = self.param(
                 "relative_position_bias_table",
                 nn.initializers.truncated_normal(stddev=0.02),
                 (side * side, self.num_heads),
             )
-            bias = relative_position_bias(table, self.table_size, hw)  # (heads, N, N)
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k) + bias.astype(q.dtype)[None]
-        else:
+            bias_rows = _bias_rows_fn(table, self.table_size, hw, self.rel_bias_impl)
+        elif self.bias_mode != "none":
             raise ValueError(f"unknown bias_mode {self.bias_mode!r}")
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
+        if self.impl == "einsum":
+            q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each (B, heads, N, hd)
+            out = einsum_attention(q, k, v, scale, bias_rows=bias_rows, scale_queries=bias_rows is not None,
+                                   query_chunk=resolve_query_chunk(self.query_chunk))
+            out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, c)
+        else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, heads, hd)
+            bias = None if bias_rows is None else bias_rows(0, n)[None].astype(q.dtype)  # (1, heads, N, N)
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, scale=scale, implementation="cudnn" if self.impl == "cudnn" else None
+            ).reshape(b, n, c)
         return nn.Dense(c, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+
+
+def einsum_attention(q, k, v, scale: float, *, bias_rows=None, scale_queries: bool = False, query_chunk: int = 0):
+    """Softmax attention over head-major arrays.
+
+    Args:
+      q, k, v: ``(B, heads, N, hd)``.
+      scale: logit scale; applied to q before ``q @ k^T`` when ``scale_queries`` (LIT-S), else to the logits.
+      bias_rows: None or ``f(start, rows) -> (heads, rows, N)`` float32: the additive bias of query rows
+        ``start .. start + rows - 1`` (``start`` may be traced; rows past N may hold anything finite).
+      query_chunk: queries per ``lax.map`` step (0, or >= N: one step). The last chunk is zero-padded.
+
+    Returns:
+      ``(B, heads, N, hd)`` in ``v.dtype``; the softmax runs in float32.
+    """
+    b, h, n, d = q.shape
+
+    def attend(qc, start):
+        if scale_queries:
+            logits = jnp.einsum("bhqd,bhkd->bhqk", qc * scale, k)
+        else:
+            logits = jnp.einsum("bhqd,bhkd->bhqk", qc, k) * scale
+        if bias_rows is not None:
+            logits = logits + bias_rows(start, qc.shape[2]).astype(logits.dtype)[None]
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", attn, v)
+
+    if not query_chunk or n <= query_chunk:
+        return attend(q, 0)
+    chunks = -(-n // query_chunk)
+    padded = jnp.pad(q, ((0, 0), (0, 0), (0, chunks * query_chunk - n), (0, 0)))
+    qs = jnp.moveaxis(padded.reshape(b, h, chunks, query_chunk, d), 2, 0)  # (chunks, B, heads, chunk, hd)
+    out = jax.lax.map(lambda a: attend(a[1], a[0] * query_chunk), (jnp.arange(chunks), qs))
+    return jnp.moveaxis(out, 0, 2).reshape(b, h, chunks * query_chunk, d)[:, :, :n]
 
 
 def relative_position_index(hw: tuple[int, int]):
@@ -141,8 +219,37 @@ def relative_position_index(hw: tuple[int, int]):
     return (dy * (2 * w - 1) + dx).astype(np.int32)
 
 
+def resized_bias_table(table, table_size: int, hw: tuple[int, int]):
+    """The table resized to the grid's offsets: ``((2R-1)^2, heads)`` -> ``(heads, (2H-1)*(2W-1))`` float32.
+
+    Torch-compatible bicubic (A=-0.75, align_corners=False, clamped taps), as the original's ``F.interpolate``;
+    entry ``r * (2W-1) + c`` holds offset ``(r - H + 1, c - W + 1)``.
+    """
+    from lit_jax.ops.interpolate import resize_bicubic
+
+    side = 2 * table_size - 1
+    h, w = hw
+    grid = table.astype(jnp.float32).reshape(side, side, -1)
+    grid = resize_bicubic(grid, (2 * h - 1, 2 * w - 1))
+    return jnp.transpose(grid.reshape((2 * h - 1) * (2 * w - 1), -1))
+
+
+def relative_position_bias_rows(flat, hw: tuple[int, int], start, rows: int):
+    """Bias rows of queries ``start .. start + rows - 1``: ``(heads, rows, N)`` from ``flat`` ``(heads, M)``.
+
+    The offset index :func:`relative_position_index` computed from iotas (``start`` may be traced), so under jit
+    the lookup fuses into its consumer. Rows past N are clamped to valid entries (finite, meaningless).
+    """
+    h, w = hw
+    n = h * w
+    a = start + jax.lax.broadcasted_iota(jnp.int32, (rows, n), 0)  # query token
+    k = jax.lax.broadcasted_iota(jnp.int32, (rows, n), 1)  # key token
+    index = (a // w - k // w + h - 1) * (2 * w - 1) + (a % w - k % w + w - 1)
+    return jnp.take(flat, index, axis=1, mode="clip")
+
+
 def relative_position_bias(table, table_size: int, hw: tuple[int, int]):
-    """LIT-S attention bias for the current grid.
+    """LIT-S attention bias for the current grid (the ``'gather'`` formulation).
 
     Args:
       table: ``((2R-1)^2, heads)`` learned table; row ``r * (2R-1) + c`` holds offset ``(r - R + 1, c - R + 1)``.
@@ -153,19 +260,33 @@ def relative_position_bias(table, table_size: int, hw: tuple[int, int]):
       bicubic (A=-0.75, align_corners=False, clamped taps) to ``(2H-1, 2W-1)``, gathered with
       :func:`relative_position_index`.
     """
-    from lit_jax.ops.interpolate import resize_bicubic
+    flat = resized_bias_table(table, table_size, hw)  # (heads, M)
+    return flat[:, relative_position_index(hw)]
 
-    side = 2 * table_size - 1
-    h, w = hw
-    grid = table.astype(jnp.float32).reshape(side, side, -1)
-    grid = resize_bicubic(grid, (2 * h - 1, 2 * w - 1))
-    flat = grid.reshape((2 * h - 1) * (2 * w - 1), -1)
-    index = relative_position_index(hw)
-    return jnp.transpose(flat[index], (2, 0, 1))
+
+def _bias_rows_fn(table, table_size: int, hw: tuple[int, int], impl: str):
+    """``f(start, rows) -> (heads, rows, N)`` float32 for :func:`einsum_attention`, per ``rel_bias_impl``."""
+    if impl == "gather":
+        full = relative_position_bias(table, table_size, hw)
+        n = full.shape[-1]
+
+        def rows_of_full(start, rows):
+            if rows == n:
+                return full
+            padded = jnp.pad(full, ((0, 0), (0, rows), (0, 0)))  # the last chunk may run past N
+            return jax.lax.dynamic_slice_in_dim(padded, start, rows, axis=1)
+
+        return rows_of_full
+    flat = resized_bias_table(table, table_size, hw)
+    return lambda start, rows: relative_position_bias_rows(flat, hw, start, rows)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm ViT block: ``x + attn(norm1 x)``, then ``x + mlp(norm2 x)`` (with drop path on both)."""
+    """Pre-norm ViT block: ``x + attn(norm1 x)``, then ``x + mlp(norm2 x)`` (with drop path on both).
+
+    ``attention_impl``, ``query_chunk``, ``rel_bias_impl``: :class:`GlobalAttention`'s ``impl``, ``query_chunk``,
+    ``rel_bias_impl``.
+    """
 
     num_heads: int
     mlp_ratio: float
@@ -173,6 +294,9 @@ class TransformerBlock(nn.Module):
     norm_eps: float = 1e-6
     bias_mode: str = "none"
     table_size: int = 0
+    attention_impl: str = "einsum"
+    query_chunk: Optional[int] = None
+    rel_bias_impl: str = "fused"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -182,7 +306,8 @@ class TransformerBlock(nn.Module):
         drop = DropPath(self.drop_path, name="drop_path")
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm1")(x)
         y = GlobalAttention(
-            self.num_heads, self.bias_mode, self.table_size, dtype=self.dtype, name="attn"
+            self.num_heads, self.bias_mode, self.table_size, impl=self.attention_impl, query_chunk=self.query_chunk,
+            rel_bias_impl=self.rel_bias_impl, dtype=self.dtype, name="attn",
         )(y, hw)
         x = x + drop(y, deterministic=not train)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm2")(x)
@@ -251,6 +376,7 @@ class DeformConv(nn.Module):
     features: int
     kernel_size: tuple[int, int] = (2, 2)
     stride: tuple[int, int] = (2, 2)
+    impl: str = "padded"  # deform_conv2d's impl: 'padded' | 'masked'
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -271,28 +397,56 @@ class DeformConv(nn.Module):
             "kernel", nn.initializers.kaiming_uniform(), (kh, kw, cin, self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = deform_conv2d(x.astype(jnp.float32), offsets, kernel, bias, stride=self.stride, padding=(0, 0))
+        y = deform_conv2d(x.astype(jnp.float32), offsets, kernel, bias, stride=self.stride, padding=(0, 0),
+                          impl=self.impl)
         return y.astype(self.dtype)
 
 
 class DeformableTokenMerging(nn.Module):
-    """LIT's DTM: DeformConv 2x2/2 -> BatchNorm2d -> exact GELU. NHWC in, NHWC out at half resolution."""
+    """LIT's DTM: DeformConv 2x2/2 -> BatchNorm2d -> exact GELU. NHWC in, NHWC out at half resolution.
+
+    ``dcn_impl``: :func:`lit_jax.ops.deform_conv2d`'s ``impl`` (``'padded'`` | ``'masked'``).
+    """
 
     features: int
     bn_group_size: Optional[int] = None
+    dcn_impl: str = "padded"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = DeformConv(self.features, dtype=self.dtype, name="dconv")(x)
+        """x: ``(B, H, W, Cin)`` -> ``(B, (H-2)//2 + 1, (W-2)//2 + 1, features)``."""
+        x = DeformConv(self.features, impl=self.dcn_impl, dtype=self.dtype, name="dconv")(x)
         x = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name="norm_layer")(
             x, use_running_average=not train
         )
         return gelu(x)
 
 
-def maybe_remat(block_cls: type[nn.Module], use_checkpoint: bool, static_argnums: tuple[int, ...]) -> Callable:
-    """``nn.remat`` (activation checkpointing, the original's ``use_checkpoint``) when asked."""
-    if not use_checkpoint:
+# Rematerialisation policies of the LIT blocks (``remat_policy``): what the backward pass keeps from the forward.
+REMAT_POLICIES = {
+    "none": None,  # no remat: everything the backward needs is stored
+    "full": jax.checkpoint_policies.nothing_saveable,  # the original's use_checkpoint: recompute each block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep all matmul outputs (attention logits too)
+    # keep the weight matmuls (qkv, proj, fc1, fc2), recompute the batched attention matmuls and the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def resolve_remat_policy(remat_policy: Optional[str], use_checkpoint: bool) -> str:
+    """The policy name in effect: ``remat_policy`` when given, else ``'full'`` / ``'none'`` from ``use_checkpoint``."""
+    name = remat_policy if remat_policy is not None else ("full" if use_checkpoint else "none")
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+    return name
+
+
+def maybe_remat(block_cls: type[nn.Module], policy, static_argnums: tuple[int, ...]) -> Callable:
+    """``block_cls`` wrapped in ``nn.remat`` with a :data:`REMAT_POLICIES` policy (or the block itself for 'none').
+
+    ``policy``: a policy name, or a bool (the original's ``use_checkpoint``: True is ``'full'``).
+    """
+    name = resolve_remat_policy(None, policy) if isinstance(policy, bool) else resolve_remat_policy(policy, False)
+    if name == "none":
         return block_cls
-    return nn.remat(block_cls, static_argnums=static_argnums)
+    return nn.remat(block_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[name])

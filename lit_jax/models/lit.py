@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lit_jax.models.layers import DeformableTokenMerging, MLPBlock, TransformerBlock, maybe_remat
+from lit_jax.models.layers import (DeformableTokenMerging, MLPBlock, TransformerBlock, maybe_remat,
+                                   resolve_remat_policy)
 from lit_jax.ops.interpolate import resize_bilinear
 
 Dtype = Any
@@ -68,12 +69,23 @@ class LITTi(nn.Module):
       embed_dims, depths, num_heads, mlp_ratios: the architecture (defaults: LIT-Ti).
       pos_grid: side of each stage's learned position-embedding grid (224/4, /8, /16, /32).
       drop_path_rate: stochastic depth, linear over all 16 blocks (the original hard-codes 0.1).
-      use_checkpoint: rematerialise each block in the backward pass.
+      use_checkpoint: rematerialise each block in the backward pass (the original's flag; ``remat_policy``
+        'full').
       frozen_stages: ``k >= 0`` freezes the patch embedding (with ``pos_embed1``) and stages ``1..k`` (a stage
         here includes its DTM and position embedding): no gradient, BatchNorm and drop path in eval mode. -1
         (default) freezes nothing, as the original actually trains (LIT-Ti ignores the config's value).
       bn_group_size: images per BatchNorm statistics group in training (None: whole batch).
       dtype: compute dtype (parameters stay float32; the deformable sampling runs in float32).
+
+    Performance switches (none changes the model; docs/benchmarks.md "Performance harness" has the measurements):
+      attention_impl: ``'einsum'`` (default) | ``'dot_product'`` (``jax.nn.dot_product_attention``) | ``'cudnn'``
+        (the same, forced to cuDNN: GPU with bf16/fp16 only); see :class:`lit_jax.models.layers.GlobalAttention`.
+      attention_query_chunk: einsum attention over chunks of this many queries (0: none; None: auto, 128 on CPU).
+      rel_bias_impl: LIT-S only: ``'fused'`` (default, bias lookup from iota indices fused into the logits) |
+        ``'gather'`` (a constant ``(N, N)`` index per block, the bias materialised).
+      dcn_impl: deformable sampling in the DTMs: ``'padded'`` (default) | ``'masked'`` (previous formulation).
+      remat_policy: ``None`` (from ``use_checkpoint``) | ``'none'`` | ``'full'`` | ``'dots_saveable'`` |
+        ``'dots_with_no_batch_dims_saveable'`` (:data:`lit_jax.models.layers.REMAT_POLICIES`).
     """
 
     embed_dims: Sequence[int] = (64, 128, 320, 512)
@@ -86,6 +98,11 @@ class LITTi(nn.Module):
     use_checkpoint: bool = False
     frozen_stages: int = -1
     bn_group_size: Optional[int] = None
+    attention_impl: str = "einsum"
+    attention_query_chunk: Optional[int] = None
+    rel_bias_impl: str = "fused"
+    dcn_impl: str = "padded"
+    remat_policy: Optional[str] = None
     dtype: Dtype = jnp.float32
 
     def _add_pos_embed(self, x, stage: int):
@@ -113,8 +130,9 @@ class LITTi(nn.Module):
     def __call__(self, images, train: bool = False):
         """images: ``(B, H, W, 3)`` -> list of 4 maps ``(B, H/4·2^-i, W/4·2^-i, embed_dims[i])`` (floor)."""
         dpr = _drop_path_rates(self.depths, self.drop_path_rate)
-        mlp_block = maybe_remat(MLPBlock, self.use_checkpoint, static_argnums=(2,))
-        attn_block = maybe_remat(TransformerBlock, self.use_checkpoint, static_argnums=(2, 3))
+        policy = resolve_remat_policy(self.remat_policy, self.use_checkpoint)
+        mlp_block = maybe_remat(MLPBlock, policy, static_argnums=(2,))
+        attn_block = maybe_remat(TransformerBlock, policy, static_argnums=(2, 3))
         x = images.astype(self.dtype)
         outs = []
         block_id = 0
@@ -126,7 +144,8 @@ class LITTi(nn.Module):
                 x = _freeze(self._add_pos_embed(x, stage), 0, self.frozen_stages)
             else:
                 x = DeformableTokenMerging(
-                    dim, bn_group_size=self.bn_group_size, dtype=self.dtype, name=f"patch_embed{stage + 1}"
+                    dim, bn_group_size=self.bn_group_size, dcn_impl=self.dcn_impl, dtype=self.dtype,
+                    name=f"patch_embed{stage + 1}",
                 )(x, train=stage_train)
                 x = self._add_pos_embed(x, stage)
             b, h, w, c = x.shape
@@ -136,6 +155,7 @@ class LITTi(nn.Module):
                 if self.has_msa[stage]:
                     blk = attn_block(
                         self.num_heads[stage], self.mlp_ratios[stage], dpr[block_id], norm_eps=1e-6,
+                        attention_impl=self.attention_impl, query_chunk=self.attention_query_chunk,
                         dtype=self.dtype, name=name,
                     )
                     tokens = blk(tokens, (h, w), stage_train)
@@ -162,8 +182,12 @@ class LITSStage(nn.Module):
     table_size: int
     drop_path: Sequence[float]
     downsample: bool
-    use_checkpoint: bool = False
+    remat_policy: str = "none"
     bn_group_size: Optional[int] = None
+    attention_impl: str = "einsum"
+    attention_query_chunk: Optional[int] = None
+    rel_bias_impl: str = "fused"
+    dcn_impl: str = "padded"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -172,13 +196,15 @@ class LITSStage(nn.Module):
         tokens = x.reshape(b, h * w, c)
         for i in range(self.depth):
             if self.has_msa:
-                blk = maybe_remat(TransformerBlock, self.use_checkpoint, static_argnums=(2, 3))(
+                blk = maybe_remat(TransformerBlock, self.remat_policy, static_argnums=(2, 3))(
                     self.num_heads, self.mlp_ratio, self.drop_path[i], norm_eps=1e-5, bias_mode="relative",
-                    table_size=self.table_size, dtype=self.dtype, name=f"blocks_{i}",
+                    table_size=self.table_size, attention_impl=self.attention_impl,
+                    query_chunk=self.attention_query_chunk, rel_bias_impl=self.rel_bias_impl, dtype=self.dtype,
+                    name=f"blocks_{i}",
                 )
                 tokens = blk(tokens, (h, w), train)
             else:
-                blk = maybe_remat(MLPBlock, self.use_checkpoint, static_argnums=(2,))(
+                blk = maybe_remat(MLPBlock, self.remat_policy, static_argnums=(2,))(
                     self.mlp_ratio, self.drop_path[i], norm_eps=1e-5, dtype=self.dtype, name=f"blocks_{i}"
                 )
                 tokens = blk(tokens, train)
@@ -186,7 +212,7 @@ class LITSStage(nn.Module):
         merged = None
         if self.downsample:
             merged = DeformableTokenMerging(
-                2 * c, bn_group_size=self.bn_group_size, dtype=self.dtype, name="downsample"
+                2 * c, bn_group_size=self.bn_group_size, dcn_impl=self.dcn_impl, dtype=self.dtype, name="downsample"
             )(out, train=downsample_train)
         return out, merged
 
@@ -200,6 +226,8 @@ class LITS(nn.Module):
         uses 50 and 25 for stages 3 and 4 (99x99 and 49x49, i.e. 200/2^i), ImageNet's are 14 and 7.
       drop_path_rate: stochastic depth, linear over all 12 blocks (0.2 in the detection configs).
       use_checkpoint, frozen_stages, bn_group_size, dtype: as in :class:`LITTi`.
+      attention_impl, attention_query_chunk, rel_bias_impl, dcn_impl, remat_policy: the performance switches of
+        :class:`LITTi` (``rel_bias_impl`` applies to LIT-S only).
     """
 
     embed_dim: int = 96
@@ -212,6 +240,11 @@ class LITS(nn.Module):
     use_checkpoint: bool = False
     frozen_stages: int = -1
     bn_group_size: Optional[int] = None
+    attention_impl: str = "einsum"
+    attention_query_chunk: Optional[int] = None
+    rel_bias_impl: str = "fused"
+    dcn_impl: str = "padded"
+    remat_policy: Optional[str] = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -232,8 +265,11 @@ class LITS(nn.Module):
             depth = self.depths[stage]
             out, merged = LITSStage(
                 depth, self.num_heads[stage], self.mlp_ratio, self.has_msa[stage], self.table_sizes[stage],
-                tuple(dpr[first : first + depth]), downsample=stage < 3, use_checkpoint=self.use_checkpoint,
-                bn_group_size=self.bn_group_size, dtype=self.dtype, name=f"layers_{stage}",
+                tuple(dpr[first : first + depth]), downsample=stage < 3,
+                remat_policy=resolve_remat_policy(self.remat_policy, self.use_checkpoint),
+                bn_group_size=self.bn_group_size, attention_impl=self.attention_impl,
+                attention_query_chunk=self.attention_query_chunk, rel_bias_impl=self.rel_bias_impl,
+                dcn_impl=self.dcn_impl, dtype=self.dtype, name=f"layers_{stage}",
             )(x, train=stage_train, downsample_train=stage_train)
             first += depth
             out = _freeze(out, stage + 1, self.frozen_stages)

@@ -105,8 +105,12 @@ CASES = [
 ]
 
 
+IMPLS = ["padded", "masked"]  # the default gather and the previous formulation (deform_conv2d's impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B,H,W,Cin,Cout,k,s,p", CASES)
-def test_matches_numpy_loop(B, H, W, Cin, Cout, k, s, p):
+def test_matches_numpy_loop(B, H, W, Cin, Cout, k, s, p, impl):
     rng = np.random.default_rng(B * 1000 + H * 100 + W * 10 + k)
     Ho, Wo = _out_hw(H, W, k, s, p)
     x = rng.standard_normal((B, H, W, Cin)).astype(np.float32)
@@ -123,7 +127,7 @@ def test_matches_numpy_loop(B, H, W, Cin, Cout, k, s, p):
     assert ((hs == -1) | (hs == H)).any() and ((ws == -1) | (ws == W)).any()
     assert (valid & (hs == np.round(hs)) & (ws == np.round(ws))).any()
 
-    fn = jax.jit(functools.partial(deform_conv2d, stride=(s, s), padding=(p, p)))
+    fn = jax.jit(functools.partial(deform_conv2d, stride=(s, s), padding=(p, p), impl=impl))
     got = np.asarray(fn(x, off, kernel, bias))
     ref = _ref_deform_conv(x, off, kernel, bias, (s, s), (p, p))
     assert got.shape == ref.shape == (B, Ho, Wo, Cout) and got.dtype == np.float32
@@ -131,7 +135,7 @@ def test_matches_numpy_loop(B, H, W, Cin, Cout, k, s, p):
     assert err <= 1e-5 * np.abs(ref).max(), err
 
     # Without bias, int stride/padding spelling.
-    got_nb = np.asarray(deform_conv2d(x, off, kernel, None, stride=s, padding=p))
+    got_nb = np.asarray(deform_conv2d(x, off, kernel, None, stride=s, padding=p, impl=impl))
     np.testing.assert_allclose(got_nb, got - bias, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
@@ -165,17 +169,19 @@ def test_offset_channel_order_dy_then_dx():
     np.testing.assert_allclose(y, exp, atol=1e-6)
 
 
-def test_huge_offsets_give_bias():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_offsets_give_bias(impl):
     x = np.ones((1, 4, 5, 2), np.float32)
     kern = np.ones((2, 2, 2, 3), np.float32)
     bias = np.array([1.0, -2.0, 3.0], np.float32)
     off = np.full((1, 2, 2, 8), 1e9, np.float32)
     off[..., ::2] = -1e9
-    y = np.asarray(deform_conv2d(x, off, kern, bias, stride=2))
+    y = np.asarray(deform_conv2d(x, off, kern, bias, stride=2, impl=impl))
     np.testing.assert_array_equal(y, np.broadcast_to(bias, y.shape))
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_finite_differences(impl):
     """jax.grad of <out, g> w.r.t. x, offsets, kernel, bias vs central differences of the float64 numpy loop."""
     rng = np.random.default_rng(3)
     B, H, W, Cin, Cout, k, s, p = 1, 5, 6, 2, 3, 2, 1, 1
@@ -192,7 +198,7 @@ def test_gradients_match_finite_differences():
     args = dict(x=x, offsets=off, kernel=kernel, bias=bias)
 
     def loss_jax(a):
-        out = deform_conv2d(a["x"], a["offsets"], a["kernel"], a["bias"], stride=s, padding=p)
+        out = deform_conv2d(a["x"], a["offsets"], a["kernel"], a["bias"], stride=s, padding=p, impl=impl)
         return jnp.sum(out * jnp.asarray(g, jnp.float32))
 
     grads = jax.jit(jax.grad(loss_jax))({n: jnp.asarray(v) for n, v in args.items()})
@@ -216,3 +222,9 @@ def test_gradients_match_finite_differences():
     # The offset gradient is non-trivial (some taps in, some out of the map).
     go = np.asarray(grads["offsets"])
     assert (go == 0).any() and (np.abs(go) > 1e-3).mean() > 0.3
+
+
+def test_unknown_impl_is_named():
+    with pytest.raises(ValueError, match="unknown deform_conv2d impl 'fast'"):
+        deform_conv2d(np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 2, 2, 8), np.float32),
+                      np.zeros((2, 2, 1, 1), np.float32), stride=2, impl="fast")
