@@ -350,9 +350,9 @@ def setup_train(config, images, rng) -> Setup:
 class TorchComparison:
     """The reference with the same (converted) weights, and how to compare it with JAX.
 
-    ``torch_fn()`` runs the reference on the input and returns its outputs as flat numpy arrays ``(B, -1)`` in
-    NHWC order; ``build_jax(config)`` gives the jitted JAX function of the same outputs (None: the measured
-    backbone forward itself); ``to_flat(out)`` flattens its outputs the same way.
+    ``torch_fn()`` runs the reference on the input (what is timed) and returns its NCHW output tensors;
+    ``build_jax(config)`` gives the jitted JAX function of the same outputs, NHWC (None: the measured backbone
+    forward itself); ``to_flat(out)`` flattens JAX outputs to ``(B, -1)`` numpy, as :func:`torch_flat` does.
     """
 
     def __init__(self, what: str, torch_fn, build_jax, to_flat, variables):
@@ -369,6 +369,11 @@ def _flat_list(outs) -> list:
     return [np.asarray(o, np.float32).reshape(o.shape[0], -1) for o in outs]
 
 
+def torch_flat(outs) -> list:
+    """NCHW torch tensors -> ``(B, H*W*C)`` numpy arrays in NHWC order (the order of the JAX reshapes)."""
+    return [t.permute(0, 2, 3, 1).reshape(t.shape[0], -1).numpy() for t in outs]
+
+
 def torch_reference(config, mode: str, images, workdir: str) -> TorchComparison:
     """Random reference weights in the original layout, converted for JAX (see the module docstring)."""
     import jax
@@ -379,9 +384,6 @@ def torch_reference(config, mode: str, images, workdir: str) -> TorchComparison:
     name = config.model.backbone
     x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
-    def flat_nhwc(t):  # (B, C, H, W) torch -> (B, H*W*C) numpy, the order of our NHWC reshapes
-        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1).numpy()
-
     if mode == "backbone":
         from lit_jax.convert import load_pth
         from third_party.lit_torch import save_random_checkpoint
@@ -389,8 +391,7 @@ def torch_reference(config, mode: str, images, workdir: str) -> TorchComparison:
         path = os.path.join(workdir, f"{name}_det.pth")
         ref = save_random_checkpoint(name, path, seed=0, variant="det")
         variables = _convert(lambda: load_pth(path, build_backbone(name, **backbone_args(config))), config)
-        return TorchComparison("backbone forward (eval)", lambda: [flat_nhwc(o) for o in ref(x_torch)], None,
-                               _flat_list, variables)
+        return TorchComparison("backbone forward (eval)", lambda: list(ref(x_torch)), None, _flat_list, variables)
 
     from lit_jax.convert.mmdet import load_mmdet_pth
     from third_party.lit_torch.save_detector import save_random_detector
@@ -403,7 +404,7 @@ def torch_reference(config, mode: str, images, workdir: str) -> TorchComparison:
         def torch_fn():
             feats = ref.extract_feat(x_torch)
             logits, deltas = ref.rpn_head(feats)
-            return [flat_nhwc(t) for t in list(feats) + list(logits) + list(deltas)]
+            return list(feats) + list(logits) + list(deltas)
 
         def build_jax(cfg):
             det = build_detector(cfg.model)
@@ -418,7 +419,7 @@ def torch_reference(config, mode: str, images, workdir: str) -> TorchComparison:
     else:
         def torch_fn():
             cls, reg = ref(x_torch)
-            return [flat_nhwc(t) for t in list(cls) + list(reg)]
+            return list(cls) + list(reg)
 
         def build_jax(cfg):
             det = build_detector(cfg.model)
@@ -622,7 +623,7 @@ def compare(cmp: TorchComparison, config, hw, base: dict, args, setup: Setup, ma
         compiled, compile_total, flops, flops_source = main
     jax_out = cmp.to_flat(jax.device_get(compiled(*jax_args)))
     with torch.no_grad():
-        torch_out = cmp.torch_fn()
+        torch_out = torch_flat(cmp.torch_fn())
     diff = max_rel_diff(jax_out, torch_out)
     print(f"outputs agree: max |jax - torch| / max |torch| = {diff:.2e} (over {len(torch_out)} outputs)", flush=True)
 
