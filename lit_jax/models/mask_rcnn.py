@@ -41,7 +41,7 @@ import numpy as np
 from lit_jax.models.mask_rcnn_targets import rpn_targets, sample_rois
 from lit_jax.ops.anchors import AnchorConfig, feature_sizes, multilevel_anchors, multilevel_valid_flags, rpn_anchor_config
 from lit_jax.ops.boxes import decode_deltas
-from lit_jax.ops.losses import binary_cross_entropy_with_logits, l1_loss, softmax_cross_entropy
+from lit_jax.ops.losses import binary_cross_entropy_with_logits, group_sums, l1_loss, softmax_cross_entropy
 from lit_jax.ops.mask_paste import paste_masks
 from lit_jax.ops.mask_targets import batched_mask_targets_from_crops
 from lit_jax.ops.nms import multiclass_nms
@@ -244,8 +244,6 @@ class MaskRCNN:
         images = batch["images"]
         b = images.shape[0]
         g = cfg.loss_group_size or b
-        if b % g:
-            raise ValueError(f"batch {b} is not a multiple of loss_group_size {g}")
         rng = jax.random.PRNGKey(0) if rng is None else rng
         k_drop, k_rpn, k_roi = jax.random.split(rng, 3)
         if train:
@@ -258,8 +256,8 @@ class MaskRCNN:
         gt_valid = batch["gt_valid"].astype(bool)
         pad_shape = batch["pad_shape"]
 
-        def per_group(x):  # (B, ...) -> (B / g,) sums over each group's images and trailing axes
-            return jnp.sum(x.reshape((b // g, -1)), axis=1)
+        def per_group(x):  # (B, ...) -> (B / g,)
+            return group_sums(x, g)
 
         # RPN: sampled anchors.
         canvas = images.shape[1:3]

@@ -85,15 +85,8 @@ def build_detector(config: Any):
         return _build_mask_rcnn(model_cfg, backbone, num_classes, dtype)
     if kind != "retinanet":
         raise ValueError(f"unknown detector type {kind!r}; known: ['mask_rcnn', 'retinanet']")
-    head_args = _as_dict(model_cfg.get("head"))
-    unknown = sorted(set(head_args) - {"feat_channels", "stacked_convs"})
-    if unknown:
-        raise ValueError(f"unknown model.head key(s) {unknown}; known: ['feat_channels', 'stacked_convs']")
-    tt_args = _as_dict(model_cfg.get("train_test"))
-    tt_fields = set(RetinaNetConfig.__dataclass_fields__)
-    unknown = sorted(set(tt_args) - tt_fields)
-    if unknown:
-        raise ValueError(f"unknown model.train_test key(s) {unknown}; known: {sorted(tt_fields)}")
+    head_args = _subsection(model_cfg, "head", {"feat_channels", "stacked_convs"}, kind)
+    tt_args = _subsection(model_cfg, "train_test", set(RetinaNetConfig.__dataclass_fields__), kind)
     cfg = RetinaNetConfig(num_classes=num_classes, **tt_args)
     neck = FPN(out_channels=int(model_cfg.get("fpn_channels", 256)), num_outs=5, start_level=1,
                add_extra_convs="on_input", dtype=dtype)
@@ -101,21 +94,22 @@ def build_detector(config: Any):
     return RetinaNet(RetinaNetModule(backbone=backbone, neck=neck, bbox_head=head), cfg)
 
 
+def _subsection(model_cfg: dict, name: str, known: set, kind: str) -> dict:
+    """``model.<name>`` as a dict, after checking that every key is one the ``kind`` detector knows."""
+    args = _as_dict(model_cfg.get(name))
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown model.{name} key(s) {unknown} for {kind}; known: {sorted(known)}")
+    return args
+
+
 def _build_mask_rcnn(model_cfg: dict, backbone, num_classes: int, dtype):
     """Mask R-CNN: ``train_test`` takes :class:`MaskRCNNConfig` fields; ``head`` the widths
     ``fc_out_channels`` (1024) and ``mask_conv_channels`` (256)."""
     from lit_jax.models.mask_rcnn import MaskRCNNConfig, build_mask_rcnn
 
-    head_args = _as_dict(model_cfg.get("head"))
-    head_keys = {"fc_out_channels", "mask_conv_channels"}
-    unknown = sorted(set(head_args) - head_keys)
-    if unknown:
-        raise ValueError(f"unknown model.head key(s) {unknown} for mask_rcnn; known: {sorted(head_keys)}")
-    tt_args = _as_dict(model_cfg.get("train_test"))
-    fields = set(MaskRCNNConfig.__dataclass_fields__)
-    unknown = sorted(set(tt_args) - fields)
-    if unknown:
-        raise ValueError(f"unknown model.train_test key(s) {unknown} for mask_rcnn; known: {sorted(fields)}")
+    head_args = _subsection(model_cfg, "head", {"fc_out_channels", "mask_conv_channels"}, "mask_rcnn")
+    tt_args = _subsection(model_cfg, "train_test", set(MaskRCNNConfig.__dataclass_fields__), "mask_rcnn")
     return build_mask_rcnn(backbone, num_classes=num_classes, dtype=dtype,
                            cfg=MaskRCNNConfig(num_classes=num_classes, **tt_args),
                            fpn_channels=int(model_cfg.get("fpn_channels", 256)), **head_args)

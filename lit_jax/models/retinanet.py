@@ -27,7 +27,7 @@ from lit_jax.models.fpn import ConvModule
 from lit_jax.ops.anchors import AnchorConfig, feature_sizes, multilevel_anchors, multilevel_valid_flags, retinanet_anchor_config
 from lit_jax.ops.assign import max_iou_assign
 from lit_jax.ops.boxes import decode_deltas, encode_deltas
-from lit_jax.ops.losses import l1_loss, sigmoid_focal_loss
+from lit_jax.ops.losses import group_sums, l1_loss, sigmoid_focal_loss
 from lit_jax.ops.nms import Detections, multiclass_nms
 
 Dtype = Any
@@ -194,15 +194,9 @@ class RetinaNet:
         num_pos = jnp.sum(pos, axis=1)
 
         g = cfg.loss_group_size or b
-        if b % g:
-            raise ValueError(f"batch {b} is not a multiple of loss_group_size {g}")
-
-        def grouped(x):
-            return x.reshape(b // g, g)
-
-        norm = jnp.sum(jnp.maximum(grouped(num_pos), 1), axis=1).astype(jnp.float32)
-        loss_cls = jnp.mean(jnp.sum(grouped(cls_per_image), axis=1) / norm)
-        loss_bbox = cfg.loss_bbox_weight * jnp.mean(jnp.sum(grouped(reg_per_image), axis=1) / norm)
+        norm = group_sums(jnp.maximum(num_pos, 1), g).astype(jnp.float32)
+        loss_cls = jnp.mean(group_sums(cls_per_image, g) / norm)
+        loss_bbox = cfg.loss_bbox_weight * jnp.mean(group_sums(reg_per_image, g) / norm)
         total = loss_cls + loss_bbox
         aux = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": jnp.sum(num_pos), "batch_stats": batch_stats}
         return total, aux

@@ -137,3 +137,16 @@ def retinanet_normalizer(num_pos_per_image: jnp.ndarray) -> jnp.ndarray:
     """
     n = jnp.asarray(num_pos_per_image)
     return jnp.sum(jnp.maximum(n, 1)).astype(jnp.float32)
+
+
+def group_sums(x: jnp.ndarray, group_size: int) -> jnp.ndarray:
+    """Per loss group sums: ``(B, ...)`` -> ``(B // group_size,)``, each the sum over ``group_size`` consecutive
+    images and all trailing axes (the original's per-GPU sums; groups are then averaged, DDP's mean).
+
+    Raises ValueError when ``B`` is not a multiple of ``group_size``.
+    """
+    x = jnp.asarray(x)
+    b = x.shape[0]
+    if b % group_size:
+        raise ValueError(f"batch {b} is not a multiple of loss_group_size {group_size}")
+    return jnp.sum(x.reshape((b // group_size, -1)), axis=1)

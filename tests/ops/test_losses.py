@@ -4,6 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +101,13 @@ def test_retinanet_normalizer():
     assert float(retinanet_normalizer(jnp.array([0, 5]))) == 6.0
     assert float(retinanet_normalizer(jnp.array([0, 0]))) == 2.0
     assert float(jax.jit(retinanet_normalizer)(jnp.array([3, 7]))) == 10.0
+
+
+def test_group_sums_per_consecutive_images_and_bad_grouping():
+    from lit_jax.ops.losses import group_sums
+
+    x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_allclose(np.asarray(group_sums(x, 2)), [x[:2].sum(), x[2:].sum()])
+    np.testing.assert_allclose(np.asarray(group_sums(x[:, 0], 4)), [x[:, 0].sum()])
+    with pytest.raises(ValueError, match="not a multiple of loss_group_size 3"):
+        group_sums(x, 3)
