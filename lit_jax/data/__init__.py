@@ -11,15 +11,16 @@ _EXPORTS = {
     "GlobalBatches": "pipeline",
     "TrainData": "pipeline",
     "EvalData": "pipeline",
-    "default_canvases": "pipeline",
-    "assign_buckets": "pipeline",
+    "default_canvases": "image",
+    "assign_buckets": "image",
+    "prepare_image": "image",
     "open_source": "sources",
     "build": "coco_builder",
     "load_builder": "coco_builder",
     "CocoFormatError": "coco_builder",
     "make_synthetic_coco": "synthetic",
     "ensure_synthetic_tfds": "synthetic",
-    "rescale_size": "transforms",
+    "rescale_size": "image",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from lit_jax.data import sources as sources_lib
 from lit_jax.data import transforms as T
+from lit_jax.data.image import assign_buckets, default_canvases  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -124,36 +125,6 @@ class DataConfig:
         if self.canvases:
             return tuple((int(h), int(w)) for h, w in self.canvases)
         return default_canvases(self.img_scale, self.size_divisor)
-
-
-def default_canvases(img_scale: Sequence[int], size_divisor: int = 32) -> tuple[tuple[int, int], ...]:
-    """Landscape ``(S, L)`` and portrait ``(L, S)`` canvases, sides rounded up to size_divisor."""
-    long_edge, short_edge = max(img_scale), min(img_scale)
-    s, l_ = T.ceil_to(short_edge, size_divisor), T.ceil_to(long_edge, size_divisor)
-    return ((s, l_), (l_, s))
-
-
-def assign_buckets(widths: Sequence[int], heights: Sequence[int], img_scale: Sequence[int],
-                   canvases: Sequence[tuple[int, int]], size_divisor: int = 32) -> np.ndarray:
-    """Bucket (canvas index) of each image, or -1 when no canvas holds its padded resized size."""
-    out = np.full(len(widths), -1, np.int64)
-    cache: dict[tuple[int, int], int] = {}
-    for i, (w, h) in enumerate(zip(widths, heights)):
-        key = (int(w), int(h))
-        if key not in cache:
-            nw, nh = T.rescale_size(key[0], key[1], img_scale)
-            ph, pw = T.ceil_to(nh, size_divisor), T.ceil_to(nw, size_divisor)
-            landscape = key[0] / key[1] > 1
-            best, best_key = -1, None
-            for c, (ch, cw) in enumerate(canvases):
-                if ch >= ph and cw >= pw:
-                    match = (cw > ch) == landscape or cw == ch
-                    k = (ch * cw, 0 if match else 1, c)
-                    if best_key is None or k < best_key:
-                        best, best_key = c, k
-            cache[key] = best
-        out[i] = cache[key]
-    return out
 
 
 def _seed(cfg_seed: int, *xs: int) -> int:
@@ -466,7 +437,8 @@ def make_train_dataset(cfg: DataConfig, *, process_index: int | None = None,
 
 
 def make_eval_dataset(cfg: DataConfig, *, process_index: int | None = None, process_count: int | None = None,
-                      mode: str = "bucket", source: sources_lib.Source | None = None) -> EvalData:
+                      mode: str = "bucket", source: sources_lib.Source | None = None,
+                      max_images: int | None = None) -> EvalData:
     """Every eval image exactly once over all hosts (test pipeline: no flip, no filtering).
 
     mode 'bucket': batches of ``eval_global_batch_size // process_count`` on the bucket canvases; the
@@ -474,10 +446,14 @@ def make_eval_dataset(cfg: DataConfig, *, process_index: int | None = None, proc
       every host runs the same number of steps with the same canvas per step.
     mode 'per_image': host-local batches of one image padded to its own pad_shape (the original's test
       shapes, parity_spec §14.1); shapes vary, so these are for local (not global-array) evaluation.
+    max_images: only the first N images by id (a quick look at a subset).
     """
     process_index, process_count = _processes(process_index, process_count)
     source = _open(cfg, source)
     index = source.index(cfg.eval_split)
+    if max_images:
+        first = np.isin(index["image_id"], np.sort(index["image_id"])[:int(max_images)])
+        index = {k: v[first] for k, v in index.items()}
     if mode == "per_image":
         mine = np.sort(index["image_id"])[process_index::process_count]
         table = _lookup_table(mine, np.zeros(len(mine)))

@@ -19,34 +19,18 @@ Decode/resize backends:
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-# mmdet's img_norm_cfg (RGB order).
-MEAN_RGB = (123.675, 116.28, 103.53)
-STD_RGB = (58.395, 57.12, 57.375)
+from lit_jax.data.image import (  # noqa: F401  (the numpy twins, re-exported for the pipeline and tests)
+    MEAN_RGB, STD_RGB, ceil_to, decode_resize_np, normalize_np, rescale_size)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Sizes
 # ----------------------------------------------------------------------------------------------------
-def rescale_size(w: int, h: int, scale: Sequence[int]) -> tuple[int, int]:
-    """mmcv.rescale_size with keep_ratio: ``(new_w, new_h)`` for an image of size w x h.
-
-    ``s = min(max(scale)/max(h, w), min(scale)/min(h, w))``; ``new = int(x*s + 0.5)`` (Python floats).
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    s = min(long_edge / max(h, w), short_edge / min(h, w))
-    return int(w * float(s) + 0.5), int(h * float(s) + 0.5)
-
-
-def ceil_to(x: int, divisor: int) -> int:
-    return int(math.ceil(x / divisor)) * divisor
-
-
 def rescale_size_tf(h: tf.Tensor, w: tf.Tensor, scale: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
     """Graph twin of rescale_size in float64 (IEEE double, so the same as Python): ``(new_h, new_w)``."""
     long_edge, short_edge = float(max(scale)), float(min(scale))
@@ -68,25 +52,6 @@ def scale_factor_tf(h, w, new_h, new_w) -> tf.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Decode + resize
 # ----------------------------------------------------------------------------------------------------
-def decode_resize_np(data: bytes, scale: Sequence[int], name: str = "?") -> tuple[np.ndarray, np.ndarray]:
-    """cv2 decode (BGR, EXIF) + mmcv.imrescale(bilinear); returns (RGB uint8 (new_h,new_w,3), [h, w])."""
-    import cv2
-    buf = np.frombuffer(data, np.uint8)
-    img = None
-    if buf.size:
-        try:
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        except cv2.error:
-            img = None
-    if img is None:
-        raise ValueError(f"image {name} ({len(data)} bytes) does not decode with cv2.imdecode")
-    h, w = img.shape[:2]
-    new_w, new_h = rescale_size(w, h, scale)
-    img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img, np.array([h, w], np.int32)
-
-
 def decode_resize(data: tf.Tensor, name: tf.Tensor, scale: Sequence[int], backend: str = "cv2"
                   ) -> tuple[tf.Tensor, tf.Tensor]:
     """Decoded and keep-ratio resized RGB uint8 ``(new_h, new_w, 3)`` and the decoded size ``[h, w]``."""

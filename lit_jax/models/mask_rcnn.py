@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lit_jax.models.mask_rcnn_targets import rpn_targets, sample_rois
+from lit_jax.models.outputs import DetectorOutput
 from lit_jax.ops.anchors import AnchorConfig, feature_sizes, multilevel_anchors, multilevel_valid_flags, rpn_anchor_config
 from lit_jax.ops.boxes import decode_deltas
 from lit_jax.ops.losses import binary_cross_entropy_with_logits, group_sums, l1_loss, softmax_cross_entropy
@@ -139,9 +140,12 @@ class MaskRCNNConfig:
 class MaskRCNN:
     """A Mask R-CNN detector (inference): the Flax module plus anchors, proposals and post-processing.
 
-    ``variables = det.init(key, (H, W))``; ``out = det.predict(variables, images, image_info)``;
-    ``masks = det.paste(out['mask_probs'], out['mask_boxes'], ori_shape, out['mask_valid'])``.
+    ``variables = det.init(key, (H, W))``; ``out = det.predict(variables, images, image_info)`` (a
+    :class:`DetectorOutput` with masks); ``masks = det.paste(out.mask_probs[i], out.mask_boxes[i], ori_shape,
+    out.mask_valid[i])``.
     """
+
+    with_masks = True
 
     def __init__(self, module: MaskRCNNModule, cfg: MaskRCNNConfig = MaskRCNNConfig(),
                  anchors: AnchorConfig = rpn_anchor_config()):
@@ -329,10 +333,10 @@ class MaskRCNN:
         return total, aux
 
     # -- inference ---------------------------------------------------------------------------------------
-    def predict(self, variables, images, image_info: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    def predict(self, variables, images, image_info: Mapping[str, jnp.ndarray]) -> DetectorOutput:
         """Detections per image in original-image pixels.
 
-        Returns a dict: ``boxes`` ``(B, K, 4)``, ``scores`` ``(B, K)``, ``labels`` ``(B, K)`` int32 (-1 empty),
+        Returns a :class:`DetectorOutput`: ``boxes`` ``(B, K, 4)``, ``scores`` ``(B, K)``, ``labels`` ``(B, K)`` int32 (-1 empty),
         ``valid`` ``(B, K)``; ``mask_probs`` ``(B, K, 28, 28)`` sigmoid of the label channel; ``mask_boxes``
         ``(B, K, 4)`` = ``(boxes * sf) / sf``, where the masks are pasted; ``mask_valid`` ``(B, K)`` (valid and
         rescaled y2 != 0); ``proposals`` ``(B, P, 4)`` / ``proposal_scores`` / ``proposal_valid``.
@@ -342,13 +346,12 @@ class MaskRCNN:
         feats, rpn_out = self.forward(variables, images)
         props, prop_scores, prop_valid = self.proposals(rpn_out, images.shape[1:3], img_shape)
         out = self.detect(variables, feats, props, prop_valid, img_shape, scale_factor)
-        out.update(proposals=props, proposal_scores=prop_scores, proposal_valid=prop_valid)
-        return out
+        return out.replace(proposals=props, proposal_scores=prop_scores, proposal_valid=prop_valid)
 
-    def detect(self, variables, feats, proposals, proposal_valid, img_shape, scale_factor) -> dict[str, jnp.ndarray]:
+    def detect(self, variables, feats, proposals, proposal_valid, img_shape, scale_factor) -> DetectorOutput:
         """The RoI stage of :meth:`predict` from given proposals ``(B, P, 4)`` (``proposal_valid`` ``(B, P)``;
-        invalid slots should hold zero boxes, as mmdet's padding). Returns :meth:`predict`'s dict without the
-        proposal entries."""
+        invalid slots should hold zero boxes, as mmdet's padding). Returns :meth:`predict`'s output without the
+        proposal fields."""
         b, p = proposals.shape[:2]
         img_shape = jnp.asarray(img_shape, jnp.float32)
         scale_factor = jnp.asarray(scale_factor, jnp.float32)
@@ -373,8 +376,8 @@ class MaskRCNN:
         label_logits = jnp.take_along_axis(mask_logits, labels[:, None, None, None], axis=3)[..., 0]
         mask_probs = jax.nn.sigmoid(label_logits).reshape(b, k, *label_logits.shape[1:])
         mask_boxes = rescaled / scale_factor[:, None, :]
-        return dict(boxes=dets.boxes, scores=dets.scores, labels=dets.labels, valid=dets.valid,
-                    mask_probs=mask_probs, mask_boxes=mask_boxes, mask_valid=mask_valid)
+        return DetectorOutput(boxes=dets.boxes, scores=dets.scores, labels=dets.labels, valid=dets.valid,
+                              mask_probs=mask_probs, mask_boxes=mask_boxes, mask_valid=mask_valid)
 
     def paste(self, mask_probs, mask_boxes, ori_shape: Sequence[int], mask_valid=None, *,
               bucket: int = 1) -> np.ndarray:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lit_jax.models.fpn import ConvModule
+from lit_jax.models.outputs import DetectorOutput
 from lit_jax.ops.anchors import AnchorConfig, feature_sizes, multilevel_anchors, multilevel_valid_flags, retinanet_anchor_config
 from lit_jax.ops.assign import max_iou_assign
 from lit_jax.ops.boxes import decode_deltas, encode_deltas
@@ -113,8 +114,11 @@ class RetinaNet:
     """A RetinaNet detector: the Flax module plus anchors, targets, losses and post-processing.
 
     ``variables = det.init(key, (H, W))``; ``loss, aux = det.loss(variables, batch, rng)`` (train mode:
-    returns ``aux['batch_stats']`` to carry on); ``dets = det.predict(variables, images, image_info)``.
+    returns ``aux['batch_stats']`` to carry on); ``dets = det.predict(variables, images, image_info)`` (a
+    :class:`DetectorOutput` without masks).
     """
+
+    with_masks = False
 
     def __init__(self, module: RetinaNetModule, cfg: RetinaNetConfig = RetinaNetConfig(),
                  anchors: AnchorConfig = retinanet_anchor_config()):
@@ -218,13 +222,15 @@ class RetinaNet:
         scores = jnp.concatenate(scores_all)
         return multiclass_nms(boxes, scores, score_thr=cfg.score_thr, iou_thr=cfg.iou_thr, max_num=cfg.max_per_img)
 
-    def predict(self, variables, images, image_info: Mapping[str, jnp.ndarray]) -> Detections:
-        """Detections per image in original-image pixels: boxes ``(B, K, 4)``, scores, labels, valid ``(B, K)``."""
+    def predict(self, variables, images, image_info: Mapping[str, jnp.ndarray]) -> DetectorOutput:
+        """Detections per image in original-image pixels: boxes ``(B, K, 4)``, scores, labels, valid ``(B, K)``
+        (no mask fields)."""
         (cls_out, reg_out), _ = self.forward(variables, images, train=False)
         canvas = images.shape[1:3]
 
         def one(cls_i, reg_i, img_shape, scale_factor):
             return self.postprocess(cls_i, reg_i, canvas, img_shape, scale_factor)
 
-        return jax.vmap(one)(cls_out, reg_out, image_info["img_shape"].astype(jnp.float32),
-                             image_info["scale_factor"].astype(jnp.float32))
+        dets = jax.vmap(one)(cls_out, reg_out, jnp.asarray(image_info["img_shape"], jnp.float32),
+                             jnp.asarray(image_info["scale_factor"], jnp.float32))
+        return DetectorOutput(boxes=dets.boxes, scores=dets.scores, labels=dets.labels, valid=dets.valid)

@@ -103,9 +103,9 @@ def test_fpn_and_rpn_outputs_match(setup):
 
 def test_top1000_proposals_match(setup):
     out, want = setup["out"], setup["props_ref"].numpy()
-    n = int(out["proposal_valid"][0].sum())
+    n = int(out.proposal_valid[0].sum())
     assert n == len(want) == 1000, "the canvas should give more than 1000 proposals so the cut is exercised"
-    scores, boxes = np.asarray(out["proposal_scores"][0]), np.asarray(out["proposals"][0])
+    scores, boxes = np.asarray(out.proposal_scores[0]), np.asarray(out.proposals[0])
     np.testing.assert_allclose(scores, want[:, 4], atol=1e-5, rtol=0)
     # Slot by slot, except that proposals whose scores tie within 1e-5 may come in either order (round-off
     # decides; see lit_jax.ops.proposals on ties): such a slot must hold a reference box of a tied score.
@@ -144,20 +144,20 @@ def test_roi_stage_detections_and_masks(setup):
     info = s["info"]
     out = jax.jit(det.detect)(v, s["feats"], jnp.asarray(props), jnp.asarray(valid), info["img_shape"],
                               info["scale_factor"])
-    n = int(out["valid"][0].sum())
+    n = int(out.valid[0].sum())
     assert n == len(scores_ref) > 0
-    np.testing.assert_array_equal(np.asarray(out["labels"][0, :n]), labels_ref.numpy())
-    np.testing.assert_allclose(np.asarray(out["scores"][0, :n]), scores_ref.numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out["boxes"][0, :n]), boxes_ref.numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out.labels[0, :n]), labels_ref.numpy())
+    np.testing.assert_allclose(np.asarray(out.scores[0, :n]), scores_ref.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.boxes[0, :n]), boxes_ref.numpy(), atol=1e-3, rtol=0)
     # The quirk RoI never fires (its softmax is 1/81); the reference shows it is a scored row.
     assert float(inter["scores"][QUIRK_ROW, :-1].max()) == pytest.approx(1 / 81, rel=1e-6)
-    mv = np.asarray(out["mask_valid"][0, :n])
+    mv = np.asarray(out.mask_valid[0, :n])
     np.testing.assert_array_equal(mv, inter["mask_valid"].numpy())
-    np.testing.assert_allclose(np.asarray(out["mask_probs"][0, :n])[mv], inter["mask_probs"].numpy(),
+    np.testing.assert_allclose(np.asarray(out.mask_probs[0, :n])[mv], inter["mask_probs"].numpy(),
                                atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(out["mask_boxes"][0, :n])[mv], inter["paste_boxes"].numpy(),
+    np.testing.assert_allclose(np.asarray(out.mask_boxes[0, :n])[mv], inter["paste_boxes"].numpy(),
                                atol=1e-3, rtol=0)
-    masks = det.paste(out["mask_probs"][0, :n], out["mask_boxes"][0, :n], ORI_SHAPE, out["mask_valid"][0, :n])
+    masks = det.paste(out.mask_probs[0, :n], out.mask_boxes[0, :n], ORI_SHAPE, out.mask_valid[0, :n])
     assert masks.shape == (n, *ORI_SHAPE) and masks.dtype == bool
     ious = _mask_ious(masks, masks_ref.numpy())
     assert ious.min() >= 0.99, f"mask IoU {ious.min():.4f} (detection {int(ious.argmin())})"
@@ -172,17 +172,17 @@ def test_full_predict_detections(setup):
     cls, reg = jax.jit(det.bbox_forward)(v, s["feats"], jnp.asarray(rois.numpy()))
     dets_ref, labels_ref = rcnn_get_bboxes_ref(rois, torch.from_numpy(np.array(cls)),
                                                torch.from_numpy(np.array(reg)), IMG_SHAPE, SCALE)
-    n = int(out["valid"][0].sum())
+    n = int(out.valid[0].sum())
     assert n == len(labels_ref) == 100, "the random heads should give more than 100 candidates"
-    np.testing.assert_array_equal(np.asarray(out["labels"][0, :n]), labels_ref.numpy())
-    np.testing.assert_allclose(np.asarray(out["scores"][0, :n]), dets_ref[:, 4].numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out["boxes"][0, :n]), dets_ref[:, :4].numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out.labels[0, :n]), labels_ref.numpy())
+    np.testing.assert_allclose(np.asarray(out.scores[0, :n]), dets_ref[:, 4].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.boxes[0, :n]), dets_ref[:, :4].numpy(), atol=1e-3, rtol=0)
     # Boxes are in original pixels: within img_shape / scale_factor (no clip after the rescale).
-    assert float(out["boxes"][0, :n, 2].max()) <= IMG_SHAPE[1] / SCALE[0] + 1e-3
-    assert float(out["boxes"][0, :n, 3].max()) <= IMG_SHAPE[0] / SCALE[1] + 1e-3
-    probs = np.asarray(out["mask_probs"][0, :n])
+    assert float(out.boxes[0, :n, 2].max()) <= IMG_SHAPE[1] / SCALE[0] + 1e-3
+    assert float(out.boxes[0, :n, 3].max()) <= IMG_SHAPE[0] / SCALE[1] + 1e-3
+    probs = np.asarray(out.mask_probs[0, :n])
     assert probs.shape == (n, 28, 28) and np.all((probs >= 0) & (probs <= 1))
-    np.testing.assert_allclose(np.asarray(out["mask_boxes"][0, :n]),
+    np.testing.assert_allclose(np.asarray(out.mask_boxes[0, :n]),
                                (dets_ref[:, :4] * torch.from_numpy(SCALE)).numpy() / SCALE, atol=1e-3, rtol=0)
 
 
