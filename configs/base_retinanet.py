@@ -68,5 +68,7 @@ def retinanet_config(backbone: str) -> ml_collections.ConfigDict:
         # cached); 'bucket': the training canvases, batched (faster, slightly different numbers).
         "mode": "per_image",
         "ann_file": "",  # COCO json for pycocotools; '' = the one the dataset was built from
+        "classwise": False,  # also report (and log to TensorBoard) the AP of every class
+        "show_num": 4,  # after training, draw the predictions on this many val images (workdir/predictions)
     })
     return c

@@ -21,10 +21,13 @@ def config_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_model_source(parser: argparse.ArgumentParser):
-    """``--checkpoint`` | ``--pth`` (exclusive, required); returns the group for more choices."""
+    """``--weights`` (or its older spellings ``--checkpoint`` / ``--pth``), required, into ``args.weights``;
+    returns the exclusive group for more choices."""
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--checkpoint", help="training workdir, checkpoint step folder, or converted folder")
-    group.add_argument("--pth", help="a released mmdet checkpoint (.pth; read without torch, no code executed)")
+    group.add_argument("--weights", dest="weights",
+                       help="a released mmdet .pth (read without torch, no code executed), a convert_weights.py "
+                            "folder, a training workdir or one checkpoint step folder")
+    group.add_argument("--checkpoint", "--pth", dest="weights", help="the same as --weights")
     return group
 
 

@@ -31,16 +31,16 @@ def parse_args(argv):
     return args, config
 
 
-def ensure_synthetic_dataset(config) -> None:
-    """Generates and prepares the synthetic dataset a config's ``synthetic`` section names, if missing,
-    and points ``config.data`` at it."""
+def ensure_synthetic_dataset(config, generate: bool = True) -> None:
+    """Generates and prepares the synthetic dataset a config's ``synthetic`` section names, if missing
+    (``generate=False``: a FileNotFoundError instead), and points ``config.data`` at it."""
     if "synthetic" not in config:
         return
     from lit_jax.data.synthetic import ensure_synthetic_tfds
 
     syn = config.synthetic
     data_dir, dataset = ensure_synthetic_tfds(syn.root, num_train=syn.train, num_val=syn.val, seed=syn.seed,
-                                              max_side=syn.max_side)
+                                              max_side=syn.max_side, generate=generate)
     config.data.data_dir, config.data.dataset = data_dir, dataset
 
 

@@ -33,14 +33,9 @@ import numpy as np
 import tensorflow as tf
 
 from lit_jax.data import coco_builder
+from lit_jax.evaluation.coco_classes import COCO_CATEGORY_IDS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-# The 80 COCO category ids, in the order of the annotation files (= tfds coco's label order).
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
-    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
-    60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
 
 INDEX_KEYS = ("image_id", "width", "height", "decoded_width", "decoded_height", "has_annotations",
               "num_train_instances")

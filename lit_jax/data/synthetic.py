@@ -342,8 +342,11 @@ def make_synthetic_coco(out: str, num_train: int = 64, num_val: int = 16, seed: 
 
 
 def ensure_synthetic_tfds(root: str = "data", num_train: int = 64, num_val: int = 16, seed: int = 0,
-                          max_side: int = 640) -> tuple[str, str]:
+                          max_side: int = 640, generate: bool = True) -> tuple[str, str]:
     """Writes (if missing) and builds (if missing) the synthetic dataset; returns ``(data_dir, dataset)``.
+
+    ``generate=False`` (tools that only read it: evaluation) makes and builds nothing: a dataset that is not
+    built yet is a FileNotFoundError naming where it was looked for.
 
     For ``DataConfig(data_dir=..., dataset=...)``: the files go to
     ``root/synthetic_coco/s{seed}_{train}_{val}_{max_side}`` and the tfds build to ``root/tfds`` under the
@@ -352,8 +355,15 @@ def ensure_synthetic_tfds(root: str = "data", num_train: int = 64, num_val: int 
     from lit_jax.data import coco_builder
     tag = f"s{seed}_{num_train}_{num_val}_{max_side}"
     src = os.path.join(root, "synthetic_coco", tag)
+    data_dir = os.path.join(root, "tfds")
+    if not generate:
+        built = os.path.join(data_dir, coco_builder.BUILDER_NAME, f"synthetic_{tag}")
+        if not os.path.isdir(built) or not os.path.isdir(src):
+            raise FileNotFoundError(f"the synthetic dataset {tag} is not prepared under {os.path.abspath(root)} "
+                                    f"(no {built}); training with this config (python -m lit_jax.main) makes it, "
+                                    "or set --config.synthetic.root")
+        return data_dir, f"{coco_builder.BUILDER_NAME}/synthetic_{tag}"
     if not os.path.isfile(os.path.join(src, "annotations", "instances_val2017.json")):
         make_synthetic_coco(src, num_train=num_train, num_val=num_val, seed=seed, max_side=max_side)
-    data_dir = os.path.join(root, "tfds")
     coco_builder.build(src, data_dir, f"synthetic_{tag}")
     return data_dir, f"{coco_builder.BUILDER_NAME}/synthetic_{tag}"

@@ -1,4 +1,5 @@
-"""The 80 COCO class names in the order of the contiguous labels (mmdet's CocoDataset.CLASSES)."""
+"""The 80 COCO class names in the order of the contiguous labels (mmdet's CocoDataset.CLASSES) and their
+category ids in the annotation files."""
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -11,3 +12,15 @@ COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 )
+
+# The 80 COCO category ids, in the order of the annotation files (= tfds coco's label order).
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+    60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+
+def category_ids_for(names) -> list:
+    """The category ids of a class list: COCO's when ``names`` are COCO's 80 classes in this order, else
+    ``1..len(names)``."""
+    return list(COCO_CATEGORY_IDS) if tuple(names) == COCO_CLASSES else list(range(1, len(names) + 1))

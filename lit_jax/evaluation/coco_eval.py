@@ -333,7 +333,10 @@ class CocoEvaluator:
             masks: Optional[Sequence[Any]] = None) -> list:
         """Formats one batch (``detections_to_coco``), appends it to ``self.results`` and returns it."""
         table = self.label_to_category_id if label_to_category_id is None else label_to_category_id
-        dets = detections_to_coco(image_ids, boxes, scores, labels, valid, table, masks=masks)
+        return self.extend(detections_to_coco(image_ids, boxes, scores, labels, valid, table, masks=masks))
+
+    def extend(self, dets: list) -> list:
+        """Appends COCO result dicts (checking that their images are in the annotation file); returns them."""
         unknown = {d["image_id"] for d in dets} - self._known_img_ids
         if unknown:
             raise ValueError(f"image ids {sorted(unknown)[:10]} are not in the annotation file")
@@ -437,7 +440,8 @@ class CocoEvaluator:
                 ev.accumulate()
                 ev.summarize()
                 if classwise and iou_type != "proposal":
-                    print(self._classwise_table(ev, cats))
+                    per_class = self._classwise_ap(ev, cats)
+                    print(self._classwise_table(per_class))
             self.coco_evals[iou_type] = ev
             self.stats[iou_type] = np.array(ev.stats, copy=True)
             if iou_type == "proposal":
@@ -450,6 +454,8 @@ class CocoEvaluator:
                     out[f"{iou_type}_{item}"] = _fmt(ev.stats[names[item]], nd)
                 ap = ev.stats[:6]
                 out[f"{iou_type}_mAP_copypaste"] = " ".join(f"{v:.3f}" for v in ap)
+                if classwise:
+                    out[f"{iou_type}_AP_per_class"] = {name: _fmt(v, nd) for name, v in per_class}
         return out
 
     @staticmethod
@@ -469,18 +475,24 @@ class CocoEvaluator:
         dets = json.loads(json.dumps([{k: v for k, v in r.items() if k != "segmentation"} for r in results]))
         return dets
 
-    def _classwise_table(self, ev: COCOeval, cats: Sequence[int]) -> str:
-        """mmdet's per-category AP (all areas, the last maxDets), as plain text."""
+    def _classwise_ap(self, ev: COCOeval, cats: Sequence[int]) -> list:
+        """mmdet's per-category AP (IoU .5:.95, all areas, the last maxDets): ``[(name, ap), ...]`` in ``cats``
+        order; NaN for a category without ground truth."""
         precisions = ev.eval["precision"]
         rows = []
         for idx, cat_id in enumerate(cats):
             p = precisions[:, :, idx, 0, -1]
             p = p[p > -1]
-            ap = float(np.mean(p)) if p.size else float("nan")
-            rows.append((str(self.coco.loadCats(cat_id)[0].get("name", cat_id)), f"{ap:0.3f}"))
+            rows.append((str(self.coco.loadCats(cat_id)[0].get("name", cat_id)),
+                         float(np.mean(p)) if p.size else float("nan")))
+        return rows
+
+    @staticmethod
+    def _classwise_table(rows: Sequence[tuple]) -> str:
+        """The per-category AP rows as a plain-text table."""
         width = max([len("category")] + [len(r[0]) for r in rows])
         lines = [f"{'category':<{width}}  AP", "-" * (width + 7)]
-        lines += [f"{n:<{width}}  {a}" for n, a in rows]
+        lines += [f"{n:<{width}}  {a:0.3f}" for n, a in rows]
         return "\n".join(lines)
 
 

@@ -423,3 +423,52 @@ class CheckpointStore:
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.directory!r}, keep={self.keep}, async_save={self.async_save})"
+
+
+def restore_subtrees(directory: str, keys: tuple[str, ...] = ("params", "batch_stats"), step: Optional[int] = None,
+                     device: Optional[Any] = None) -> tuple[int, dict, dict]:
+    """Restores only ``state[key]`` for ``keys`` (e.g. the model variables, no optimizer state) of a stored step,
+    as the arrays were saved, onto one ``device`` (default: the first local one), whatever the topology the
+    run was saved on. Returns ``(step, {key: subtree}, extra)``.
+
+    ``step`` None: the newest readable step, falling back to older ones with a WARNING each (as
+    :meth:`CheckpointStore.restore`). Raises FileNotFoundError (no steps, or not ``step``) and
+    CheckpointRestoreError (no candidate could be read).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {directory}")
+    if step is not None and int(step) not in steps:
+        raise FileNotFoundError(f"step {step} not found in {directory}; stored steps: {steps}")
+    candidates = [int(step)] if step is not None else steps[::-1]
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    failures: dict[int, BaseException] = {}
+    checkpointer = ocp.PyTreeCheckpointer()
+    for i, s in enumerate(candidates):
+        state_dir = os.path.join(directory, str(s), STATE_ITEM)
+        try:
+            tree = checkpointer.metadata(state_dir).item_metadata
+            tree = getattr(tree, "tree", tree)
+            if not isinstance(tree, Mapping) or "params" not in tree:
+                raise CheckpointStructureError(f"checkpoint step {s} in {directory} is not a training state "
+                                               "(no 'params')")
+            # An empty subtree (no BatchNorm) is not stored: it comes back as {}.
+            abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[k])
+                        for k in keys if k in tree}
+            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), abstract),
+                partial_restore=True))
+            with open(os.path.join(directory, str(s), EXTRA_ITEM, "metadata")) as f:
+                extra = json.load(f)
+            return s, {k: restored.get(k, {}) for k in keys}, extra
+        except CheckpointStructureError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any read error means "this step is unusable"; all are reported
+            failures[s] = e
+            if i + 1 < len(candidates):
+                logger.warning("Checkpoint step %d in %s could not be read (%s); trying step %d.", s, directory,
+                               _describe(e), candidates[i + 1])
+    lines = "\n".join(f"  step {s}: {_describe(e)}" for s, e in failures.items())
+    raise CheckpointRestoreError(f"no checkpoint in {directory} could be restored; tried:\n{lines}", failures
+                                 ) from failures[candidates[-1]]

@@ -145,6 +145,7 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         self._write_config()
         data = make_train_dataset(self.data_cfg)
+        classes = (list(data.source.category_names), [int(i) for i in data.source.category_ids])
         steps_per_epoch = data.steps_per_epoch
         total = int(cfg.train.get("max_steps", 0) or 0) or steps_per_epoch * int(cfg.schedule.epochs)
         schedule = self.learning_rate(steps_per_epoch)
@@ -183,7 +184,8 @@ class Trainer:
                 if done % ckpt_every == 0 or done == total:
                     self._check_finite(*pending, last_good)
                     iterator.save(done)
-                    store.save(done, state, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": done / steps_per_epoch})
+                    store.save(done, state, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": done / steps_per_epoch,
+                                             "class_names": classes[0], "category_ids": classes[1]})
                     last_good = done
                 if eval_every and done % eval_every == 0 and done != total:
                     store.wait()
@@ -197,7 +199,11 @@ class Trainer:
             store.close()
             logger.close()
         if final_eval:
-            self._log_eval(self.evaluate(state), total, None)
+            show_dir = os.path.join(self.workdir, "predictions")
+            show_num = int(cfg.eval.get("show_num", 0) or 0)
+            self._log_eval(self.evaluate(state, show_dir=show_dir, show_num=show_num), total, None)
+            if show_num and self.is_main:
+                print(f"predictions of {show_num} validation images drawn in {show_dir}", flush=True)
         return state
 
     def _check_finite(self, step: int, metrics: dict, last_good: Optional[int]) -> None:
@@ -220,28 +226,47 @@ class Trainer:
         with open(os.path.join(self.workdir, "eval_results.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **stats}) + "\n")
         if logger is not None:
-            logger.scalars(step, {f"eval/{k}": v for k, v in stats.items() if isinstance(v, float)})
+            scalars = {f"eval/{k}": v for k, v in stats.items() if isinstance(v, float)}
+            for k, per_class in stats.items():  # eval.classwise: {iou}_AP_per_class -> eval/{iou}_AP/<class>
+                if isinstance(per_class, dict):
+                    scalars.update({f"eval/{k.replace('_per_class', '')}/{name}": v for name, v in per_class.items()})
+            logger.scalars(step, scalars)
 
-    def evaluate(self, state_or_variables, *, results_path: Optional[str] = None) -> dict:
+    def evaluate(self, state_or_variables, *, results_path: Optional[str] = None, classwise: Optional[bool] = None,
+                 max_images: Optional[int] = None, format_only: bool = False, show_dir: Optional[str] = None,
+                 show_num: int = 0) -> dict:
         """COCO evaluation on ``data.eval_split`` (bbox; bbox and segm for Mask R-CNN); returns mmdet-style stats
-        (process 0) or {}."""
+        (process 0) or {}.
+
+        results_path: also write the COCO results JSON there. classwise: per-class AP too (default
+        ``eval.classwise``). max_images: the first N images by id only. format_only: write the results JSON and
+        evaluate nothing (no annotations needed, e.g. test-dev). show_dir / show_num: draw the predictions of
+        the first ``show_num`` images there."""
         from lit_jax.data.pipeline import make_eval_dataset
-        from lit_jax.evaluation.coco_eval import CocoEvaluator
+        from lit_jax.evaluation.coco_eval import CocoEvaluator, detections_to_coco
 
         cfg = self.config
         if isinstance(state_or_variables, TrainState):
             variables = {"params": state_or_variables.params, "batch_stats": state_or_variables.batch_stats}
         else:
             variables = state_or_variables
+        classwise = bool(cfg.eval.get("classwise", False)) if classwise is None else classwise
         mode = cfg.eval.get("mode", "per_image")
-        data = make_eval_dataset(self.data_cfg, mode=mode)
-        ann_file = cfg.eval.get("ann_file", "") or annotation_file(data.source, self.data_cfg.eval_split)
-        evaluator = CocoEvaluator(ann_file) if self.is_main else None
-        predict = self.make_predict()
+        data = make_eval_dataset(self.data_cfg, mode=mode, max_images=max_images)
         label_to_cat = list(data.source.category_ids)
         if len(label_to_cat) != self.detector.cfg.num_classes:
             raise ValueError(f"the model predicts {self.detector.cfg.num_classes} classes but {data.source.name} has "
                              f"{len(label_to_cat)} categories; set model.num_classes or evaluate on a matching dataset")
+        if format_only and not results_path:
+            raise ValueError("format_only writes the results JSON only: give results_path")
+        evaluator = None
+        if self.is_main and not format_only:
+            ann_file = cfg.eval.get("ann_file", "") or annotation_file(data.source, self.data_cfg.eval_split)
+            image_ids = None
+            if max_images:
+                image_ids = np.sort(data.source.index(self.data_cfg.eval_split)["image_id"])[:int(max_images)]
+            evaluator = CocoEvaluator(ann_file, image_ids=image_ids)
+        predict = self.make_predict()
         if mode == "per_image":
             # Each image at its own padded size on this process's first device (the original's test shapes).
             variables = jax.device_put(variables, jax.local_devices()[0])
@@ -251,33 +276,42 @@ class Trainer:
             variables = jax.device_put(variables, sharding.replicated(self.mesh))
             batches = data.global_batches(self.mesh)
             gather = sharding.to_host
-        with_masks = hasattr(self.detector, "paste")
+        with_masks = self.detector.with_masks
         # Masks are pasted and RLE-encoded where the detections are at hand: per image on each process, or
         # (bucket mode, where every process holds the gathered batch) on process 0 only.
         encode_here = mode == "per_image" or self.is_main
         collected = []
         for batch in batches:
             out = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
-            out = out._asdict() if hasattr(out, "_asdict") else dict(out)
             c = {"image_id": gather(batch["image_id"]), "valid": gather(batch["valid"]) if "valid" in batch else None,
-                 "boxes": gather(out["boxes"]), "scores": gather(out["scores"]), "labels": gather(out["labels"]),
-                 "det_valid": gather(out["valid"])}
+                 "boxes": gather(out.boxes), "scores": gather(out.scores), "labels": gather(out.labels),
+                 "det_valid": gather(out.valid)}
             if with_masks and encode_here:
-                c["masks"] = self._encode_masks(gather(out["mask_probs"]), gather(out["mask_boxes"]),
-                                                gather(out["mask_valid"]), c["det_valid"], gather(batch["ori_shape"]))
+                c["masks"] = self._encode_masks(gather(out.mask_probs), gather(out.mask_boxes),
+                                                gather(out.mask_valid), c["det_valid"], gather(batch["ori_shape"]))
             collected.append(c)
         if mode == "per_image" and jax.process_count() > 1:
             collected = _allgather_pickled(collected)
-        if evaluator is None:
+        if not self.is_main:
             return {}
+        results = []
         for c in collected:
             keep = c["valid"].astype(bool) if c["valid"] is not None else np.ones(len(c["image_id"]), bool)
             masks = [m for m, k in zip(c["masks"], keep) if k] if with_masks else None
-            evaluator.add(c["image_id"][keep], c["boxes"][keep], c["scores"][keep], c["labels"][keep],
-                          c["det_valid"][keep], label_to_cat, masks=masks)
+            results.extend(detections_to_coco(c["image_id"][keep], c["boxes"][keep], c["scores"][keep],
+                                              c["labels"][keep], c["det_valid"][keep], label_to_cat, masks=masks))
         if results_path:
-            evaluator.write(results_path)
-        return evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",))
+            _write_json(results_path, results)
+        if show_dir and show_num:
+            from lit_jax.evaluation.show import draw_results_on_split
+
+            drawn = draw_results_on_split(data.source, self.data_cfg.eval_split, results, show_dir, num=show_num,
+                                          class_names=data.source.category_names, category_ids=label_to_cat)
+            log.info("predictions of %d images drawn in %s", len(drawn), show_dir)
+        if evaluator is None:
+            return {}
+        evaluator.extend(results)
+        return evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",), classwise=classwise)
 
     def _encode_masks(self, mask_probs, mask_boxes, mask_valid, det_valid, ori_shape) -> list:
         """Per image of a batch: the RLEs of its valid detections' masks, pasted at the original size."""
@@ -295,37 +329,13 @@ class Trainer:
         return out
 
     def load_variables(self, *, checkpoint: Optional[str] = None, pth: Optional[str] = None) -> dict:
-        """Detector variables from a released mmdet ``.pth``, a converted folder, a workdir or a checkpoint.
+        """Detector variables from a released mmdet ``.pth``, a converted folder, a workdir or a checkpoint
+        (see :func:`lit_jax.inference.weights.load_weights`; only the model variables are read)."""
+        from lit_jax.inference.weights import load_weights
 
-        ``checkpoint`` may be a training workdir (latest step), its ``checkpoints`` folder, one step folder
-        (``.../checkpoints/1200``) or a ``convert_weights.py`` output folder (``variables/`` inside).
-        """
-        from lit_jax.convert import load_variables
-        from lit_jax.convert.mmdet import load_mmdet_pth
-        from lit_jax.train.checkpoint import CheckpointStore
-
-        if pth:
-            return load_mmdet_pth(pth, self.detector)
-        if not checkpoint:
+        if not (checkpoint or pth):
             raise ValueError("give a checkpoint (workdir, checkpoint folder, converted folder) or a .pth")
-        path = os.path.abspath(checkpoint)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        if os.path.isdir(os.path.join(path, "variables")):
-            return load_variables(path)
-        step = None
-        if os.path.basename(path).isdigit():
-            path, step = os.path.dirname(path), int(os.path.basename(path))
-        elif os.path.isdir(os.path.join(path, "checkpoints")):
-            path = os.path.join(path, "checkpoints")
-        store = CheckpointStore(path, async_save=False)
-        if store.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
-        tx = build_optimizer(self.config.optimizer.to_dict(), self.learning_rate(1))
-        step, state, _ = store.restore(self.init_state(tx), step=step)
-        store.close()
-        log.info("restored step %d from %s", step, path)
-        return {"params": state.params, "batch_stats": state.batch_stats}
+        return load_weights(pth or checkpoint, self.detector).variables
 
     def _write_config(self) -> None:
         if self.is_main:
@@ -376,6 +386,13 @@ def _replace_subtree(tree: dict, key: str, new: dict, source: str) -> dict:
     out[key] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype), old, flax.traverse_util.unflatten_dict(
         {tuple(k.split("/")): v for k, v in flat_new.items()}))
     return out
+
+
+def _write_json(path: str, obj) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def annotation_file(source, split: str) -> str:

@@ -158,14 +158,14 @@ def test_predict_script_draws_detections(data_root, tmp_path):
     ann = annotation_file(open_source(config.data.data_dir, config.data.dataset), "val")
     images = json.load(open(ann))["images"]
     image = os.path.join(os.path.dirname(os.path.dirname(ann)), "val2017", images[0]["file_name"])
-    out = str(tmp_path / "pred.png")
-    stdout = _run_script([os.path.join("scripts", "predict.py"), "--config", SYNTH, "--checkpoint", workdir,
-                          "--image", image, "--out", out, "--score_thr", "0.0"] + tiny_overrides(data_root))
+    out_dir = str(tmp_path / "drawn")
+    stdout = _run_script([os.path.join("scripts", "predict.py"), "--config", SYNTH, "--weights", workdir,
+                          "--input", image, "--out-dir", out_dir, "--score_thr", "0.0"] + tiny_overrides(data_root))
     import cv2
 
-    drawn = cv2.imread(out)
+    drawn = cv2.imread(os.path.join(out_dir, os.path.splitext(images[0]["file_name"])[0] + ".png"))
     assert drawn.shape[:2] == (images[0]["height"], images[0]["width"])
-    assert "detections" in stdout
+    assert "1 images in" in stdout
 
 
 def test_prefetching_iterator_yields_the_same_batches_and_saves_exact_positions(data_root, tmp_path):

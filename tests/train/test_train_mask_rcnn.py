@@ -87,12 +87,13 @@ def test_main_trains_and_eval_script_reports_bbox_and_segm(data_root, tmp_path):
     # predict.py draws boxes and masks on one image
     image = gt.dataset["images"][0]
     path = os.path.join(os.path.dirname(os.path.dirname(gt_file)), "val2017", image["file_name"])
-    drawn = str(tmp_path / "pred.png")
-    stdout = _run_script([os.path.join("scripts", "predict.py"), "--config", SYNTH, "--checkpoint", workdir,
-                          "--image", path, "--out", drawn, "--score_thr", "0.0"] + tiny_overrides(data_root))
+    out_dir = str(tmp_path / "drawn")
+    stdout = _run_script([os.path.join("scripts", "predict.py"), "--config", SYNTH, "--weights", workdir,
+                          "--input", path, "--out-dir", out_dir, "--score_thr", "0.0"] + tiny_overrides(data_root))
     import cv2
 
-    assert cv2.imread(drawn).shape[:2] == (image["height"], image["width"]) and "detections" in stdout
+    drawn = os.path.join(out_dir, os.path.splitext(image["file_name"])[0] + ".png")
+    assert cv2.imread(drawn).shape[:2] == (image["height"], image["width"]) and "1 images in" in stdout
 
 
 def test_mask_rcnn_without_mask_data_is_a_clear_error(data_root, tmp_path, capsys):
