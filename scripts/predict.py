@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Run a LIT detector on one image and draw its detections (class names, scores) for a person to look at.
+"""Run a LIT detector on images, folders, globs or videos: drawn detections, COCO results JSON, images/s.
 
-    python scripts/predict.py --config configs/synthetic_retinanet_lit_ti.py --checkpoint workdir/synthetic_retinanet_lit_ti \
-        --image data/synthetic_coco/s0_400_50_320/val2017/000000000401.jpg --out pred.png
-    python scripts/predict.py --config configs/retinanet_lit_ti_fpn_1x_coco.py --pth retinanet_lit_ti.pth --image a.jpg --out a_pred.png
+    python scripts/predict.py --config configs/mask_rcnn_lit_ti_fpn_1x_coco.py --weights mask_rcnn_lit_ti_1x.pth \
+        --input photos/ --out-dir drawn/ --json detections.json
+    python scripts/predict.py --config configs/synthetic_retinanet_lit_ti.py --weights workdir/synthetic_retinanet_lit_ti \
+        --input 'data/synthetic_coco/*/val2017/*.jpg' --out-dir drawn/ --score_thr 0.3 --classes circle,square
 
-The image goes through the original's test pipeline (cv2 decode, keep-ratio resize to data.img_scale with its
-rounding, normalisation, zero padding to a multiple of 32) and is detected at its own padded size.
+--weights: a released mmdet .pth (converted on the fly, read without torch), a convert_weights.py folder, a
+training workdir (latest step) or one checkpoint step folder. Images go through the original's test pipeline
+and are detected at their own 32-padded size (--canvas bucket: on the training canvases). A video input gives a
+drawn video (same frame count) in --out-dir. JSON image ids: a file's numeric stem (COCO names), else its
+position in the run (1-based, video frames counted too). An input that cannot be read is reported as an ``error:`` line
+and the others still run (exit status 2 then).
 """
 
 from __future__ import annotations
@@ -14,29 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def preprocess(path: str, img_scale, size_divisor: int = 32):
-    """-> (rgb uint8 original, images (1,Hp,Wp,3) float32, img_shape (1,2), scale_factor (1,4))."""
-    import cv2
-
-    from lit_jax.data.transforms import MEAN_RGB, STD_RGB, ceil_to, decode_resize_np
-
-    with open(path, "rb") as f:
-        data = f.read()
-    resized, (h, w) = decode_resize_np(data, img_scale, name=path)
-    original = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    new_h, new_w = resized.shape[:2]
-    norm = (resized.astype(np.float32) - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STD_RGB, np.float32)
-    padded = np.zeros((ceil_to(new_h, size_divisor), ceil_to(new_w, size_divisor), 3), np.float32)
-    padded[:new_h, :new_w] = norm
-    w_s, h_s = np.float32(new_w / w), np.float32(new_h / h)
-    scale = np.asarray([[w_s, h_s, w_s, h_s]], np.float32)
-    return original, padded[None], np.asarray([[new_h, new_w]], np.int32), scale
 
 
 def main(argv=None) -> int:
@@ -44,56 +27,38 @@ def main(argv=None) -> int:
 
     p = cli.config_parser(__doc__)
     cli.add_model_source(p)
-    p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, help="output image (png/jpg)")
-    p.add_argument("--score_thr", type=float, default=0.3)
+    p.add_argument("--input", "--image", dest="inputs", action="append", required=True,
+                   help="an image, folder, glob or video (repeatable)")
+    p.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None, help="drawn images / videos go here")
+    p.add_argument("--json", default=None, help="write all detections as a COCO results JSON")
+    p.add_argument("--score_thr", type=float, default=None,
+                   help="keep detections scoring above this (default: all in --json, 0.3 when drawing)")
+    p.add_argument("--classes", default=None, help="comma-separated class names to keep")
+    p.add_argument("--canvas", choices=["per_image", "bucket"], default="per_image")
+    p.add_argument("--batch_size", type=int, default=1)
     args, config = cli.parse(p, argv)
     cli.setup_logging()
+    if not (args.out_dir or args.json):
+        print("error: give --out-dir (drawn images) and/or --json (COCO results)", file=sys.stderr)
+        return 2
 
-    import jax
-
-    from lit_jax.evaluation.visualize import draw_detections, save_image
-    from lit_jax.main import ensure_synthetic_dataset
-    from lit_jax.train.trainer import Trainer
+    from lit_jax.inference import WeightsError, load_detector
+    from lit_jax.inference.run import run_predictions
 
     try:
-        if not os.path.isfile(args.image):
-            raise FileNotFoundError(f"image {args.image} does not exist")
-        original, images, img_shape, scale = preprocess(args.image, tuple(config.data.img_scale))
-        ensure_synthetic_dataset(config)
-        trainer = Trainer(config, os.getcwd())
-        variables = trainer.load_variables(checkpoint=args.checkpoint, pth=args.pth)
-        dets = jax.jit(trainer.detector.predict)(variables, images, {"img_shape": img_shape, "scale_factor": scale})
-        names = class_names(config)
-    except (FileNotFoundError, ValueError) as err:
+        det = load_detector(config, args.weights, canvas=args.canvas, batch_size=args.batch_size)
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        summary = run_predictions(det, args.inputs, out_dir=args.out_dir, json_path=args.json,
+                                  score_thr=args.score_thr, classes=classes)
+    except (FileNotFoundError, ValueError, WeightsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    dets = dets._asdict() if hasattr(dets, "_asdict") else dict(dets)  # RetinaNet: Detections; Mask R-CNN: dict
-    keep = np.asarray(dets["valid"][0])
-    boxes, scores, labels = (np.asarray(dets[k][0])[keep] for k in ("boxes", "scores", "labels"))
-    masks = None
-    if "mask_probs" in dets:  # Mask R-CNN: masks pasted at the original size, as for evaluation
-        masks = trainer.detector.paste(dets["mask_probs"][0], dets["mask_boxes"][0], original.shape[:2],
-                                       dets["mask_valid"][0])[keep]
-    drawn = draw_detections(original, boxes, scores, labels, names, score_thr=args.score_thr, masks=masks)
-    save_image(args.out, drawn)
-    shown = int(np.sum(scores > args.score_thr))
-    print(f"{len(scores)} detections, {shown} above {args.score_thr} drawn to {args.out}")
-    for b, s, l in sorted(zip(boxes.tolist(), scores.tolist(), labels.tolist()), key=lambda t: -t[1])[:10]:
-        print(f"  {names[l] if l < len(names) else l}: {s:.3f} at [{b[0]:.1f}, {b[1]:.1f}, {b[2]:.1f}, {b[3]:.1f}]")
-    return 0
-
-
-def class_names(config) -> list[str]:
-    """The dataset's category names when it is prepared here, else COCO's 80 (released checkpoints)."""
-    try:
-        from lit_jax.data.sources import open_source
-
-        return list(open_source(config.data.data_dir, config.data.dataset).category_names)
-    except Exception:  # no prepared dataset: released COCO checkpoints carry the COCO classes
-        from lit_jax.evaluation.coco_classes import COCO_CLASSES
-
-        return list(COCO_CLASSES)
+    for message in summary.errors:
+        print(f"error: {message}", file=sys.stderr)
+    print(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s, "
+          f"{det.compiles} compiled shapes); wrote {len(summary.outputs)} files"
+          + (f" to {args.out_dir}" if args.out_dir else "") + (f", detections in {args.json}" if args.json else ""))
+    return 2 if summary.errors else 0
 
 
 if __name__ == "__main__":
