@@ -338,3 +338,21 @@ def test_data_skip_bad_accounts_for_every_image_and_annotation(synth_dir, tmp_pa
         "ann_field": {"images": 0, "annotations": 1}}
     assert [im["id"] for im in parsed.images] == [2]
     _assert_accounted(parsed, doc)
+
+
+def test_data_unverified_size_mismatch_fails_in_the_train_pipeline(synth_dir, tmp_path):
+    """Built with verify_images=False, the mismatch is caught when the image is decoded, naming the file."""
+    import tensorflow as tf
+    from lit_jax.data import pipeline as P
+    dst = str(tmp_path / "c")
+    doc = _small_copy(synth_dir, dst)
+    for im in doc["images"]:  # every image is doubled: whichever comes first must fail
+        im["width"], im["height"] = 2 * im["width"], 2 * im["height"]
+    _write(dst, doc)
+    out = str(tmp_path / "tfds")
+    coco_builder.build(dst, out, "unverified", verify_images=False, with_masks=False)
+    cfg = P.DataConfig(data_dir=out, dataset="coco_instances/unverified", img_scale=(384, 256),
+                       global_batch_size=1, shuffle=False, min_size=0)
+    td = P.make_train_dataset(cfg, process_index=0, process_count=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"size_mismatch: image.*\.jpg"):
+        next(iter(td.numpy_batches()))
