@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lit_jax.convert.lit import convert_backbone  # noqa: E402
 from lit_jax.convert.mmdet import convert_detector  # noqa: E402
 from lit_jax.convert.mapping import ConversionError  # noqa: E402
-from lit_jax.convert.store import save_variables  # noqa: E402
+from lit_jax.convert.store import held_entries, save_variables  # noqa: E402
 from lit_jax.convert.torch_reader import CheckpointFormatError, UnsafeCheckpointError, extract_state_dict, read_pth  # noqa: E402
 from lit_jax.models.registry import backbone_names, build_backbone, build_detector  # noqa: E402
 
@@ -47,25 +48,55 @@ def convert(model: str, src: str):
     return convert_backbone(state_dict, build_backbone(model), source=src, prefix=prefix)
 
 
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _dst_problem(dst: str, overwrite: bool) -> str | None:
+    """Why ``dst`` cannot take the output (None when it can); checked before the .pth is read."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        return f"--dst {dst} exists and is not a folder"
+    held = held_entries(dst)
+    if held and not overwrite:
+        return (f"--dst {dst} already holds a converted checkpoint ({', '.join(held)}); choose another "
+                "folder or pass --overwrite")
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=backbone_names() + sorted(DETECTORS),
                         help="architecture of the checkpoint: a backbone (ImageNet weights) or a released detector")
     parser.add_argument("--src", required=True, help="the PyTorch .pth file")
     parser.add_argument("--dst", required=True, help="output folder (must not hold a converted checkpoint yet)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a converted checkpoint already in --dst (once the conversion succeeded)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
+    problem = _dst_problem(args.dst, args.overwrite)
+    if problem:
+        return _error(problem)
     try:
         variables, report = convert(args.model, args.src)
     except (FileNotFoundError, ConversionError, CheckpointFormatError, UnsafeCheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _error(str(err))
+    except OSError as err:  # a folder or an unreadable file as --src
+        return _error(f"--src {args.src}: {err.strerror or err}")
     print(report.summary())
-    dst = save_variables(args.dst, variables, {"model": args.model, **dataclasses.asdict(report)})
+    if args.overwrite:
+        for old in held_entries(args.dst):
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old)
+            else:
+                os.remove(old)
+    try:
+        dst = save_variables(args.dst, variables, {"model": args.model, **dataclasses.asdict(report)})
+    except OSError as err:
+        return _error(f"--dst {args.dst}: cannot write the checkpoint ({err.strerror or err})")
     print(f"wrote {dst}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,6 +34,11 @@ def save_variables(dst: str, variables: Mapping[str, Any], info: Optional[Mappin
     return dst
 
 
+def held_entries(dst: str) -> list[str]:
+    """The paths under ``dst`` that a previous :func:`save_variables` wrote (empty if none)."""
+    return [os.path.join(dst, n) for n in (_TREE, _INFO) if os.path.lexists(os.path.join(dst, n))]
+
+
 def load_variables(src: str) -> dict[str, Any]:
     """Reads what :func:`save_variables` wrote, as nested dicts of numpy arrays."""
     src = os.path.abspath(src)

@@ -52,6 +52,11 @@ _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 # Refuse tensors claiming absurd sizes (a corrupt or hostile header) before numpy tries to allocate them.
 _MAX_TENSOR_BYTES = 1 << 44
+# Overlapping views (stride 0 from expand(), ...) materialise to more bytes than their storage holds. All
+# tensors of one file together may materialise at most FACTOR x (file size + storage bytes read) + SLACK
+# bytes; a 1.7 KB file expanding a 4-byte storage to 60000 x 60000 is refused instead of taking 13 GiB.
+_MATERIALISE_FACTOR = 2
+_MATERIALISE_SLACK_BYTES = 256 << 20
 
 
 class CheckpointFormatError(ValueError):
@@ -293,6 +298,18 @@ class _Storage:
 _SCAN_RESULT = _Marker("tensor (scan pass)")
 
 
+class _Refused:
+    """Stands for a tensor refused by the materialisation budget until its key is known (see _unpickle)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError("a checkpoint pickle tried to modify a refused tensor")
+
+
 # --------------------------------------------------------------------------------------------------
 # the unpickler
 
@@ -319,6 +336,10 @@ class _SafeUnpickler(pickle.Unpickler):
         self._allow_placeholders = allow_placeholders
         self._placeholders: dict[str, type] = {}
         self._globals = self._build_globals()
+        self._file_bytes = os.path.getsize(path)
+        self._storage_bytes: dict[str, int] = {}  # storage key -> bytes read
+        self._materialised = 0  # bytes of all tensors built so far
+        self.refused: list[_Refused] = []
 
     # -- errors -------------------------------------------------------------------------------------
 
@@ -386,7 +407,10 @@ class _SafeUnpickler(pickle.Unpickler):
             if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, (int, str, bytes))
                                                                        for v in view)):
                 raise self._format_error(f"malformed storage view record {view!r}")
-        return self._storage_source(key, storage_type, numel, view)
+        storage = self._storage_source(key, storage_type, numel, view)
+        if storage.raw is not None:
+            self._storage_bytes[key] = max(self._storage_bytes.get(key, 0), len(storage.raw))
+        return storage
 
     # -- allow-listed globals -----------------------------------------------------------------------
 
@@ -488,6 +512,9 @@ class _SafeUnpickler(pickle.Unpickler):
                     f"storage '{storage.key}' holds {available} {dtype!r} elements but a tensor of "
                     f"shape {shape}, stride {strides}, offset {offset} needs {needed} (truncated file?)"
                 )
+            refused = self._charge(storage, shape, strides, offset, numel * np_dtype.itemsize)
+            if refused is not None:
+                return refused
             flat = np.frombuffer(raw, dtype=np_dtype, count=available)
             view = np.lib.stride_tricks.as_strided(
                 flat[offset:], shape=shape, strides=tuple(s * np_dtype.itemsize for s in strides),
@@ -503,6 +530,21 @@ class _SafeUnpickler(pickle.Unpickler):
                 arr = np.conj(arr)
         return arr
 
+    def _charge(self, storage, shape, strides, offset, nbytes: int) -> _Refused | None:
+        """Counts a tensor's bytes against the file's budget; beyond it, the tensor is refused (not built)."""
+        limit = (_MATERIALISE_FACTOR * (self._file_bytes + sum(self._storage_bytes.values()))
+                 + _MATERIALISE_SLACK_BYTES)
+        if self._materialised + nbytes <= limit:
+            self._materialised += nbytes
+            return None
+        self.refused.append(_Refused(
+            f"tensor on storage '{storage.key}' ({len(storage.raw)} bytes) with shape {shape}, stride "
+            f"{strides}, offset {offset} would materialise {nbytes} bytes, bringing the file's tensors to "
+            f"{self._materialised + nbytes} bytes, more than the {limit} bytes allowed for a "
+            f"{self._file_bytes}-byte file (overlapping or stride-0 views expanded far beyond the data; "
+            "see docs/conversion.md)"))
+        return self.refused[-1]
+
     def _rebuild_tensor_v1(self, storage, offset, size, stride):
         return self._tensor(storage, offset, size, stride)
 
@@ -515,7 +557,7 @@ class _SafeUnpickler(pickle.Unpickler):
         return self._tensor(storage, offset, size, stride, dtype=dtype, metadata=metadata)
 
     def _check_tensor(self, data, what: str):
-        if not (isinstance(data, np.ndarray) or data is _SCAN_RESULT):
+        if not (isinstance(data, (np.ndarray, _Refused)) or data is _SCAN_RESULT):
             raise self._format_error(f"{what} got {type(data).__name__} instead of a tensor")
         return data
 
@@ -524,7 +566,9 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def _rebuild_from_data(self, data, dtype=None, device=None, requires_grad=False):
         data = self._check_tensor(data, "device tensor rebuild")
-        return data if data is _SCAN_RESULT else np.array(data, copy=True, order="C")
+        if data is _SCAN_RESULT or isinstance(data, _Refused):
+            return data
+        return np.array(data, copy=True, order="C")
 
     def _rebuild_from_type(self, func, new_type, args, state=None):
         allowed = {self._globals[n] for n in (
@@ -664,7 +708,7 @@ def _prescan(file, path: str, what: str, limit: int) -> None:
 
 def _unpickle(unpickler: pickle.Unpickler, path: str, what: str):
     try:
-        return unpickler.load()
+        obj = unpickler.load()
     except (UnsafeCheckpointError, CheckpointFormatError) as e:
         if str(e).startswith(f"{path}:"):
             raise
@@ -675,6 +719,26 @@ def _unpickle(unpickler: pickle.Unpickler, path: str, what: str):
         raise CheckpointFormatError(
             f"{path}: corrupt or unsupported checkpoint ({what}: {type(e).__name__}: {e})"
         ) from e
+    refused = getattr(unpickler, "refused", None)
+    if refused:
+        where = _key_of(obj, refused[0], "", set())
+        raise CheckpointFormatError(f"{path}: key '{where or '?'}': {refused[0].reason}")
+    return obj
+
+
+def _key_of(obj, target, where: str, seen: set) -> str | None:
+    """The dotted key path of ``target`` inside nested dicts/lists/tuples, or None."""
+    if obj is target:
+        return where
+    if id(obj) in seen or not isinstance(obj, (dict, list, tuple)):
+        return None
+    seen.add(id(obj))
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for k, v in items:
+        found = _key_of(v, target, f"{where}.{k}" if where else str(k), seen)
+        if found is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

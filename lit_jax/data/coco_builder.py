@@ -16,9 +16,9 @@ the original decodes)::
     image/filename            str, file name relative to the split's image folder
     image/height, image/width int64, the JSON's size (mmdet's img_info)
     image/decoded_height, image/decoded_width
-                              int64, the size cv2.imdecode(IMREAD_COLOR) gives (EXIF orientation applied);
-                              equal to the JSON size unless an EXIF tag rotates the image (and equal by
-                              construction when the build ran with verify_images=False)
+                              int64, the size cv2.imdecode(IMREAD_COLOR) gives (EXIF orientation applied):
+                              the JSON size, or its transpose when an EXIF orientation tag rotates the image
+                              (any other size is bad input); the JSON size when verify_images=False
     image/has_annotations     bool, mmdet's ``filter_empty_gt`` criterion: at least one annotation of a
                               known category in the JSON (crowd, tiny and skipped-bad ones count)
     objects/id                int64, COCO annotation id
@@ -35,7 +35,8 @@ the original decodes)::
 
 Dataset metadata (``builder.info.metadata``, saved as metadata.json): ``category_ids`` (contiguous label ->
 COCO category id), ``category_names``, ``source_dir``, per split the annotation file, image folder, counts
-of images / annotations / skipped bad inputs / EXIF-rotated images, and an ``index`` per split (image id,
+of images / annotations kept and in the JSON, skipped bad inputs per reason (images and annotations), the
+EXIF-rotated image ids, and an ``index`` per split (image id,
 JSON and decoded sizes, has_annotations, number of training instances) that the input pipeline reads to
 assign aspect-ratio buckets and host shards without a pass over the records.
 
@@ -43,10 +44,11 @@ Build once with ``python -m lit_jax.data.prepare --coco_dir DIR [--out DIR]``; b
 version is a no-op (tfds reuses it).
 
 Bad input is never silently dropped: a JSON that does not parse, lacks a required field, an image that is
-missing or does not decode, a box with zero or negative size, a polygon with fewer than 3 points, an
+missing or does not decode or whose decoded size fits neither the JSON size nor its EXIF transpose, a
+duplicate image id, a box with zero or negative size, a polygon with fewer than 3 points, an
 unknown image or category id, or a malformed RLE raises ``CocoFormatError`` naming the annotation file,
-the image file and the annotation id; with ``skip_bad=True`` the offending annotation (or image) is skipped
-and counted in the log and in the metadata.
+the image file and the annotation id; with ``skip_bad=True`` the offending annotation (or image, with its
+annotations) is skipped and counted per reason in the log and in the metadata.
 """
 from __future__ import annotations
 
@@ -113,26 +115,41 @@ class ParsedSplit:
     category_ids: list[int]
     category_names: list[str]
     images: list[dict[str, Any]]  # id, file_name, width, height, path, has_annotations, objects
-    skipped: dict[str, int]
+    skipped: dict[str, dict[str, int]]  # reason -> {"images": n, "annotations": m}
     num_annotations: int
+    num_images_in: int = 0  # entries of the JSON's 'images' / 'annotations'
+    num_annotations_in: int = 0
 
 
 class _Bad:
-    """Raises or counts bad input, depending on skip_bad."""
+    """Raises or counts bad input, depending on skip_bad; counts are per reason, of images and annotations."""
 
     def __init__(self, ann_file: str, skip_bad: bool):
         self.ann_file = ann_file
         self.skip_bad = skip_bad
-        self.counts: collections.Counter = collections.Counter()
+        self.counts: dict[str, dict[str, int]] = {}
         self.examples: dict[str, str] = {}
 
-    def __call__(self, kind: str, msg: str) -> None:
+    def __call__(self, kind: str, msg: str, *, images: int = 0, annotations: int = 0) -> None:
         full = f"{self.ann_file}: {msg}"
         if not self.skip_bad:
             raise CocoFormatError(full + " (pass skip_bad=True / --skip_bad to skip such entries)")
-        self.counts[kind] += 1
+        self.count(kind, images=images, annotations=annotations)
         self.examples.setdefault(kind, full)
         log.debug("skipped: %s", full)
+
+    def count(self, kind: str, *, images: int = 0, annotations: int = 0) -> None:
+        c = self.counts.setdefault(kind, {"images": 0, "annotations": 0})
+        c["images"] += images
+        c["annotations"] += annotations
+
+
+def merge_skipped(into: dict[str, dict[str, int]], counts: dict[str, dict[str, int]]) -> None:
+    """Adds per-reason ``{"images": n, "annotations": m}`` counts into ``into``."""
+    for kind, c in counts.items():
+        d = into.setdefault(kind, {"images": 0, "annotations": 0})
+        d["images"] += c["images"]
+        d["annotations"] += c["annotations"]
 
 
 def _is_number(v) -> bool:
@@ -252,32 +269,38 @@ def parse_split(coco_dir: str, ann_file: str, img_dir: str, *, with_masks: bool 
         raise CocoFormatError(f"{ann_path}: no categories")
     cat2label = {c: i for i, c in enumerate(cat_ids)}
 
+    # An image id used by several entries: its annotations cannot be told apart, so all go.
+    id_uses = collections.Counter(im.get("id") for im in doc["images"]
+                                  if isinstance(im, dict) and _is_int(im.get("id")))
     images: dict[int, dict[str, Any]] = {}
     order: list[int] = []
-    bad_image_ids: set = set()
+    bad_image_kind: dict[int, str] = {}  # image id -> reason it was skipped (its annotations follow it)
     for k, im in enumerate(doc["images"]):
         iid = im.get("id") if isinstance(im, dict) else None
         where = f"images[{k}] (id {iid})"
         if not isinstance(im, dict) or not _is_int(iid):
-            bad("image_field", f"{where}: lacks an int 'id'")
+            bad("image_field", f"{where}: lacks an int 'id'", images=1)
             continue
-        bad_image_ids.add(iid)  # removed again below once the entry is valid
         fn = im.get("file_name")
+        if id_uses[iid] > 1:
+            bad_image_kind[iid] = "duplicate_image_id"
+            bad("duplicate_image_id", f"{where} ({fn}): image id {iid} is used by {id_uses[iid]} image "
+                f"entries; their annotations cannot be told apart, so all of them are skipped", images=1)
+            continue
         if not isinstance(fn, str) or not fn:
-            bad("image_field", f"{where}: lacks a 'file_name'")
+            bad_image_kind[iid] = "image_field"
+            bad("image_field", f"{where}: lacks a 'file_name'", images=1)
             continue
         w, h = im.get("width"), im.get("height")
         if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-            bad("image_field", f"{where} ({fn}): lacks a positive int 'width'/'height'")
-            continue
-        if iid in images:
-            bad("image_field", f"{where} ({fn}): duplicate image id")
+            bad_image_kind[iid] = "image_field"
+            bad("image_field", f"{where} ({fn}): lacks a positive int 'width'/'height'", images=1)
             continue
         path = os.path.join(coco_dir, img_dir, fn)
         if not os.path.isfile(path):
-            bad("missing_image", f"image {path} (id {iid}) not found")
+            bad_image_kind[iid] = "missing_image"
+            bad("missing_image", f"image {path} (id {iid}) not found", images=1)
             continue
-        bad_image_ids.discard(iid)
         images[iid] = dict(id=iid, file_name=fn, width=w, height=h, path=path, has_annotations=False,
                            objects=[])
         order.append(iid)
@@ -287,54 +310,56 @@ def parse_split(coco_dir: str, ann_file: str, img_dir: str, *, with_masks: bool 
     for k, a in enumerate(doc["annotations"]):
         aid = a.get("id") if isinstance(a, dict) else None
         if not isinstance(a, dict) or not _is_int(aid):
-            bad("ann_field", f"annotations[{k}]: lacks an int 'id'")
+            bad("ann_field", f"annotations[{k}]: lacks an int 'id'", annotations=1)
             continue
         iid = a.get("image_id")
-        im = images.get(iid)
+        im = images.get(iid) if _is_int(iid) else None
         fname = im["file_name"] if im else "?"
         where = f"annotation id {aid} (image id {iid}, {fname})"
         if aid in seen_ann:
-            bad("ann_field", f"{where}: duplicate annotation id")
+            bad("ann_field", f"{where}: duplicate annotation id", annotations=1)
             continue
         seen_ann.add(aid)
         if not _is_int(iid):
-            bad("ann_field", f"{where}: lacks an int 'image_id'")
+            bad("ann_field", f"{where}: lacks an int 'image_id'", annotations=1)
             continue
         if im is None:
-            kind = "ann_of_bad_image" if iid in bad_image_ids else "ann_field"
-            bad(kind, f"{where}: image id not among the valid images of the file")
+            if iid in bad_image_kind:  # the image was skipped (and reported) already: count it there
+                bad.count(bad_image_kind[iid], annotations=1)
+            else:
+                bad("ann_field", f"{where}: image id not among the image entries of the file", annotations=1)
             continue
         cid = a.get("category_id")
-        if cid in cat2label:
+        if _is_int(cid) and cid in cat2label:
             im["has_annotations"] = True  # mmdet counts every annotation of a known category
         else:
-            bad("ann_field", f"{where}: unknown category_id {cid!r}")
+            bad("ann_field", f"{where}: unknown category_id {cid!r}", annotations=1)
             continue
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            bad("ann_field", f"{where}: 'bbox' is not 4 finite numbers [x, y, w, h]")
+            bad("ann_field", f"{where}: 'bbox' is not 4 finite numbers [x, y, w, h]", annotations=1)
             continue
         area = a.get("area")
         if not _is_number(area):
-            bad("ann_field", f"{where}: lacks a numeric 'area'")
+            bad("ann_field", f"{where}: lacks a numeric 'area'", annotations=1)
             continue
         iscrowd = a.get("iscrowd", 0)
         if iscrowd not in (0, 1, True, False):
-            bad("ann_field", f"{where}: 'iscrowd' is {iscrowd!r}, not 0/1")
+            bad("ann_field", f"{where}: 'iscrowd' is {iscrowd!r}, not 0/1", annotations=1)
             continue
         x, y, bw, bh = bbox
         if bw <= 0 or bh <= 0:
-            bad("bad_box", f"{where}: box has zero or negative size (w={bw}, h={bh})")
+            bad("bad_box", f"{where}: box has zero or negative size (w={bw}, h={bh})", annotations=1)
             continue
         rle_str = ""
         if with_masks:
             seg = a.get("segmentation")
             if seg is None:
-                bad("bad_mask", f"{where}: lacks 'segmentation' (build with with_masks=False for boxes only)")
+                bad("bad_mask", f"{where}: lacks 'segmentation' (build with with_masks=False for boxes only)", annotations=1)
                 continue
             reason = _check_segmentation(seg, im["height"], im["width"])
             if reason is not None:
-                bad("bad_mask", f"{where}: {reason}")
+                bad("bad_mask", f"{where}: {reason}", annotations=1)
                 continue
             rle = segmentation_to_rle(seg, im["height"], im["width"])
             rle_str = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
@@ -351,7 +376,8 @@ def parse_split(coco_dir: str, ann_file: str, img_dir: str, *, with_masks: bool 
         log.warning("%s: skipped bad entries: %s (e.g. %s)", ann_path, dict(bad.counts),
                     "; ".join(bad.examples.values()))
     return ParsedSplit(ann_file=ann_path, img_dir=img_dir, category_ids=cat_ids, category_names=cat_names,
-                       images=[images[i] for i in order], skipped=dict(bad.counts), num_annotations=n_ann)
+                       images=[images[i] for i in order], skipped=bad.counts, num_annotations=n_ann,
+                       num_images_in=len(doc["images"]), num_annotations_in=len(doc["annotations"]))
 
 
 def decode_image_cv2(data: bytes):
@@ -366,16 +392,68 @@ def decode_image_cv2(data: bytes):
         return None
 
 
+def _tiff_orientation(t: bytes) -> int | None:
+    """The Orientation tag (0x0112) of IFD0 of a TIFF/EXIF block, or None."""
+    if len(t) < 8 or t[:2] not in (b"II", b"MM"):
+        return None
+    e = "<" if t[:2] == b"II" else ">"
+    ifd = int.from_bytes(t[4:8], "little" if e == "<" else "big")
+    if ifd + 2 > len(t):
+        return None
+    n = int.from_bytes(t[ifd:ifd + 2], "little" if e == "<" else "big")
+    for k in range(n):
+        entry = t[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+        if len(entry) < 12:
+            return None
+        tag, typ = np.frombuffer(entry[:4], np.dtype(e + "u2"))
+        if tag == 0x0112 and typ == 3:  # SHORT
+            return int(np.frombuffer(entry[8:10], np.dtype(e + "u2"))[0])
+    return None
+
+
+def exif_orientation(data: bytes) -> int | None:
+    """EXIF orientation (1..8) of a JPEG (APP1 'Exif') or PNG ('eXIf' chunk), else None."""
+    if data[:2] == b"\xff\xd8":
+        p = 2
+        while p + 4 <= len(data) and data[p] == 0xFF:
+            marker = data[p + 1]
+            if marker in (0xD9, 0xDA):  # end of image / start of scan: no more metadata
+                return None
+            seg_len = int.from_bytes(data[p + 2:p + 4], "big")
+            if marker == 0xE1 and data[p + 4:p + 10] == b"Exif\x00\x00":
+                return _tiff_orientation(data[p + 10:p + 2 + seg_len])
+            p += 2 + seg_len
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        p = 8
+        while p + 8 <= len(data):
+            n = int.from_bytes(data[p:p + 4], "big")
+            if data[p + 4:p + 8] == b"eXIf":
+                return _tiff_orientation(data[p + 8:p + 8 + n])
+            if data[p + 4:p + 8] == b"IDAT":
+                return None
+            p += 12 + n
+    return None
+
+
+# Orientations 5..8 swap width and height (transpose, rotate 90, transverse, rotate 270).
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)
+
+
 def verify_images(split: ParsedSplit, *, skip_bad: bool, num_workers: int = 2, progress: bool = True
                   ) -> tuple[int, list[int]]:
-    """Decodes every image with cv2; records its decoded size. Returns (#skipped, EXIF-rotated ids)."""
+    """Decodes every image with cv2; records its decoded size. Returns (#skipped, EXIF-rotated ids).
+
+    The decoded (h, w) must be the JSON's (h, w), or its transpose when the file's EXIF orientation
+    rotates by 90 degrees (cv2 applies it, as mmcv); anything else is a ``size_mismatch``.
+    """
     bad = _Bad(split.ann_file, skip_bad)
 
     def check(im):
         with open(im["path"], "rb") as f:
             data = f.read()
         img = decode_image_cv2(data)
-        return None if img is None else img.shape[:2]
+        return None if img is None else (img.shape[:2], exif_orientation(data))
 
     it: Any
     with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as ex:
@@ -383,24 +461,37 @@ def verify_images(split: ParsedSplit, *, skip_bad: bool, num_workers: int = 2, p
         if progress:
             from tqdm import tqdm
             it = tqdm(it, total=len(split.images), desc=f"verifying {split.img_dir}", unit="img")
-        shapes = list(it)
+        results = list(it)
     kept, rotated = [], []
-    for im, shape in zip(split.images, shapes):
-        if shape is None:
-            bad("corrupt_image", f"image {im['path']} (id {im['id']}) does not decode with cv2")
+    for im, res in zip(split.images, results):
+        n_obj = len(im["objects"])
+        if res is None:
+            bad("corrupt_image", f"image {im['path']} (id {im['id']}) does not decode with cv2",
+                images=1, annotations=n_obj)
             continue
-        im["decoded_height"], im["decoded_width"] = int(shape[0]), int(shape[1])
-        if (shape[0], shape[1]) != (im["height"], im["width"]):
+        (dh, dw), orientation = res
+        json_hw = (im["height"], im["width"])
+        if (dh, dw) != json_hw:
+            if (dw, dh) != json_hw or orientation not in _ROTATING_ORIENTATIONS:
+                why = ("and its EXIF orientation does not rotate it" if (dw, dh) == json_hw else
+                       "nor its transpose")
+                bad("size_mismatch", f"image {im['path']} (id {im['id']}) decodes to h x w = {dh} x {dw} "
+                    f"but the JSON says {json_hw[0]} x {json_hw[1]} ({why}; EXIF orientation "
+                    f"{orientation}); its boxes would not fit the image", images=1, annotations=n_obj)
+                continue
             rotated.append(im["id"])
+        im["decoded_height"], im["decoded_width"] = int(dh), int(dw)
         kept.append(im)
     n_skipped = len(split.images) - len(kept)
     split.images[:] = kept
     if n_skipped:
-        split.skipped["corrupt_image"] = split.skipped.get("corrupt_image", 0) + n_skipped
-        log.warning("%s: skipped %d images that do not decode", split.img_dir, n_skipped)
+        merge_skipped(split.skipped, bad.counts)
+        log.warning("%s: skipped %d images: %s (e.g. %s)", split.img_dir, n_skipped, bad.counts,
+                    "; ".join(bad.examples.values()))
     if rotated:
-        log.warning("%s: %d images decode (EXIF orientation applied, as cv2/mmcv do) to a size other "
-                    "than the JSON's, e.g. ids %s", split.img_dir, len(rotated), rotated[:5])
+        log.warning("%s: %d images carry an EXIF orientation that rotates them by 90 degrees; they decode "
+                    "(orientation applied, as cv2/mmcv do) to the JSON size transposed, e.g. ids %s",
+                    split.img_dir, len(rotated), rotated[:5])
     return n_skipped, rotated
 
 
@@ -506,7 +597,8 @@ def _make_builder_classes():
                 md["splits"][name] = dict(
                     ann_file=ann_file, img_dir=img_dir, num_images=len(ims),
                     num_annotations=sum(len(im["objects"]) for im in ims), skipped=parsed.skipped,
-                    exif_size_mismatch=rotated, images_verified=bool(cfg.verify_images))
+                    num_images_in=parsed.num_images_in, num_annotations_in=parsed.num_annotations_in,
+                    exif_rotated=rotated, images_verified=bool(cfg.verify_images))
                 md["index"][name] = dict(
                     image_id=[im["id"] for im in ims],
                     width=[im["width"] for im in ims], height=[im["height"] for im in ims],

@@ -189,6 +189,14 @@ def train_transform(counter, e, *, canvas: tuple[int, int], cfg: DataConfig, see
                     ) -> dict[str, tf.Tensor]:
     """One training image -> fixed-shape tensors (see docs/data.md for the layout)."""
     img, ori, new_h, new_w, sf, pad_hw = _resized(e, cfg)
+    # The builder checks this when it verifies images; a build without verification is checked here,
+    # before boxes in the JSON's pixels are scaled onto an image of another size.
+    json_hw = tf.cast(tf.stack([e["height"], e["width"]]), tf.int32)
+    fits = tf.reduce_all(tf.equal(ori, json_hw)) | tf.reduce_all(tf.equal(ori, json_hw[::-1]))
+    with tf.control_dependencies([tf.debugging.Assert(fits, [
+            "size_mismatch: image", e["filename"], "(id", e["image_id"], ") decodes to h, w =", ori,
+            "but the JSON says", json_hw])]):
+        img = tf.identity(img)
     keep = tf.logical_not(e["is_crowd"] | e["skip_train"])
     boxes = tf.boolean_mask(e["boxes"], keep)
     labels = tf.boolean_mask(e["labels"], keep)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,7 +29,7 @@ def _parse_split(s: str) -> tuple[str, str, str]:
     return name, ann, img
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco_dir", required=True, help="root of the COCO-format dataset")
     p.add_argument("--out", default=None, help="tfds data dir (default $LIT_JAX_TFDS_DIR or data/tfds)")
@@ -46,15 +47,37 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from lit_jax.data import coco_builder
-    builder = coco_builder.build(
-        args.coco_dir, args.out, args.name, with_masks=not args.no_masks, skip_bad=args.skip_bad,
-        verify_images=not args.no_verify_images, splits=args.split, num_workers=args.workers)
+    if not os.path.isdir(args.coco_dir):
+        return _error(f"--coco_dir {args.coco_dir}: no such directory")
+    try:
+        builder = coco_builder.build(
+            args.coco_dir, args.out, args.name, with_masks=not args.no_masks, skip_bad=args.skip_bad,
+            verify_images=not args.no_verify_images, splits=args.split, num_workers=args.workers)
+    except coco_builder.CocoFormatError as e:
+        return _error(str(e))
+    except OSError as e:  # unreadable annotation/image file, output folder not writable, ...
+        return _error(f"{e.filename or args.coco_dir}: {e.strerror or e}")
     md = builder.info.metadata or {}
     for split, info in (md.get("splits") or {}).items():
-        print(f"{split}: {info['num_images']} images, {info['num_annotations']} annotations, "
-              f"skipped {info['skipped'] or 'nothing'}")
+        print(f"{split}: {info['num_images']} images, {info['num_annotations']} annotations kept "
+              f"(of {info.get('num_images_in', '?')} / {info.get('num_annotations_in', '?')} in the JSON); "
+              f"skipped {format_skipped(info['skipped'])}")
     print(f"dataset: {builder.data_dir}")
+    return 0
+
+
+def format_skipped(skipped: dict) -> str:
+    """``reason: N images, M annotations; ...`` or 'nothing'."""
+    if not skipped:
+        return "nothing"
+    return "; ".join(f"{k}: {c['images']} images, {c['annotations']} annotations"
+                     if isinstance(c, dict) else f"{k}: {c}" for k, c in sorted(skipped.items()))
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

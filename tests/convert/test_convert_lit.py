@@ -193,3 +193,39 @@ def test_imagenet_parameter_count_is_accounted_for(tmp_path):
         used = report.loaded + [k for k in report.dropped if not k.endswith("relative_position_index")]
         total = sum(sd[k].numel() for k in used if not k.endswith(("running_mean", "running_var")))
         assert total == want
+
+
+def _convert_weights_main():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("convert_weights_cli", os.path.join(ROOT, "scripts", "convert_weights.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_convert_weights_checks_dst_before_reading_the_pth(tmp_path, capsys):
+    main = _convert_weights_main()
+    dst = tmp_path / "out"
+    (dst / "variables").mkdir(parents=True)
+    missing_src = str(tmp_path / "never_read.pth")  # an error about --dst, not the .pth, shows it is checked first
+    assert main(["--model", "lit_ti", "--src", missing_src, "--dst", str(dst)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --dst") and str(dst) in err and "--overwrite" in err and "\n" not in err
+    (tmp_path / "a_file").write_text("x")
+    assert main(["--model", "lit_ti", "--src", missing_src, "--dst", str(tmp_path / "a_file")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["--model", "lit_ti", "--src", str(tmp_path), "--dst", str(tmp_path / "new")]) == 1  # a folder
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_convert_weights_overwrite_replaces_an_existing_conversion(tmp_path, capsys):
+    main = _convert_weights_main()
+    src = tmp_path / "lit_ti.pth"
+    save_random_checkpoint("lit_ti", str(src), seed=2, variant="cls", nest="model")
+    dst = tmp_path / "out"
+    (dst / "variables").mkdir(parents=True)
+    (dst / "conversion.json").write_text("{}")
+    assert main(["--model", "lit_ti", "--src", str(src), "--dst", str(dst), "--overwrite"]) == 0
+    assert json.loads((dst / "conversion.json").read_text())["model"] == "lit_ti"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, load_variables(str(dst)), load_pth(src, "lit_ti"))

@@ -341,3 +341,30 @@ def test_other_pickle_protocols(tmp_path, fmt, protocol):
     out = read_pth(path)
     assert_same(out["a"], st["a"])
     assert out["meta"] == st["meta"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stride0_view_beyond_the_file_is_refused(tmp_path, fmt):
+    """A 4-byte storage expanded to 9000 x 9000 (324 MB from a ~1-2 KB file) is refused before allocating."""
+    path = save({"state_dict": {"ok": torch.arange(3.0).expand(4, 3), "big": torch.tensor([1.5]).expand(9000, 9000)}},
+                tmp_path / "bomb.pth", fmt)
+    assert os.path.getsize(path) < 4096
+    with pytest.raises(CheckpointFormatError) as err:
+        read_pth(path)
+    text = str(err.value)
+    assert "key 'state_dict.big'" in text and "(9000, 9000)" in text and "stride (0, 0)" in text and "324000000 bytes" in text
+    assert f"{os.path.getsize(path)}-byte file" in text
+    small = read_pth(save({"ok": torch.arange(3.0).expand(400, 3)}, tmp_path / "ok.pth", fmt))  # legal, small
+    assert small["ok"].shape == (400, 3) and (small["ok"][-1] == [0, 1, 2]).all()
+
+
+def test_many_views_of_one_storage_count_against_one_budget(tmp_path, monkeypatch):
+    """The budget is per file: views that each fit are refused once together they exceed it."""
+    from lit_jax.convert import torch_reader
+    monkeypatch.setattr(torch_reader, "_MATERIALISE_SLACK_BYTES", 0)
+    base = torch.randn(1000)
+    path = save({f"v{i}": base[:] for i in range(2)}, tmp_path / "two.pth", "zip")
+    assert len(read_pth(path)) == 2  # 8 KB of tensors from a file plus storage of ~9 KB: fine
+    path = save({f"v{i}": base[:] for i in range(40)}, tmp_path / "many.pth", "zip")
+    with pytest.raises(CheckpointFormatError, match=r"key 'v\d+'.*storage '0'"):
+        read_pth(path)

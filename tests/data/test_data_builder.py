@@ -191,7 +191,7 @@ def test_data_bad_annotation_errors_or_is_counted(synth_dir, tmp_path, case, cap
     assert "instances_train2017.json" in text
     with caplog.at_level(logging.WARNING, logger="lit_jax.data.coco_builder"):
         parsed = _parse(dst, skip_bad=True)
-    assert parsed.skipped == {kind: 1}
+    assert parsed.skipped == {kind: {"images": 0, "annotations": 1}}
     assert "skipped bad entries" in caplog.text and kind in caplog.text
     kept = [o["id"] for im in parsed.images for o in im["objects"]]
     assert aid not in kept and len(kept) == len(doc["annotations"]) - 1
@@ -218,7 +218,7 @@ def test_data_bad_json_and_missing_fields(synth_dir, tmp_path):
         _parse(dst)
     parsed = _parse(dst, skip_bad=True)
     n_anns_img1 = sum(a["image_id"] == doc["images"][1]["id"] for a in doc["annotations"])
-    assert parsed.skipped == {"image_field": 1, **({"ann_of_bad_image": n_anns_img1} if n_anns_img1 else {})}
+    assert parsed.skipped == {"image_field": {"images": 1, "annotations": n_anns_img1}}
     assert len(parsed.images) == 2
 
 
@@ -240,7 +240,11 @@ def test_data_bad_image_errors_or_is_counted(synth_dir, tmp_path, problem, caplo
     with caplog.at_level(logging.WARNING):
         b = coco_builder.build(dst, out, "bad_skipped", skip_bad=True)
     kind = "missing_image" if problem == "missing" else "corrupt_image"
-    assert b.info.metadata["splits"]["train"]["skipped"][kind] == 1
+    info = b.info.metadata["splits"]["train"]
+    n_anns = sum(a["image_id"] == im["id"] for a in doc["annotations"])
+    assert info["skipped"] == {kind: {"images": 1, "annotations": n_anns}} and n_anns > 0
+    assert info["num_images_in"] == 3 and info["num_annotations_in"] == len(doc["annotations"])
+    assert info["num_images"] + 1 == 3 and info["num_annotations"] + n_anns == len(doc["annotations"])
     assert b.info.splits["train"].num_examples == 2
     assert im["file_name"] in caplog.text or "do not decode" in caplog.text
     if problem == "corrupt":  # not verified at build time: the pipeline's decode names the file
@@ -252,3 +256,103 @@ def test_data_bad_image_errors_or_is_counted(synth_dir, tmp_path, problem, caplo
         with pytest.raises(Exception, match=im["file_name"]):
             for _ in ev.numpy_batches():
                 pass
+
+
+def _verified(dst, **kw):
+    parsed = _parse(dst, **kw)
+    coco_builder.verify_images(parsed, skip_bad=kw.get("skip_bad", False), num_workers=1, progress=False)
+    return parsed
+
+
+def _assert_accounted(parsed, doc):
+    """Images and annotations in = out + counted skips (summed over the reasons)."""
+    out_anns = sum(len(im["objects"]) for im in parsed.images)
+    assert parsed.num_images_in == len(doc["images"])
+    assert parsed.num_annotations_in == len(doc["annotations"])
+    assert len(doc["images"]) == len(parsed.images) + sum(c["images"] for c in parsed.skipped.values())
+    assert len(doc["annotations"]) == out_anns + sum(c["annotations"] for c in parsed.skipped.values())
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment holding only IFD0's Orientation tag (little-endian TIFF)."""
+    ifd = (b"\x01\x00" + (0x0112).to_bytes(2, "little") + (3).to_bytes(2, "little")
+           + (1).to_bytes(4, "little") + orientation.to_bytes(2, "little") + b"\x00\x00" + b"\x00" * 4)
+    payload = b"Exif\x00\x00" + b"II*\x00" + (8).to_bytes(4, "little") + ifd
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("json_size", ["doubled", "transposed_without_exif"])
+def test_data_image_size_mismatch_errors_or_is_counted(synth_dir, tmp_path, json_size):
+    dst = str(tmp_path / "c")
+    doc = _small_copy(synth_dir, dst)
+    im = doc["images"][1]  # 640 x 480 on disk
+    w, h = im["width"], im["height"]
+    im["width"], im["height"] = (2 * w, 2 * h) if json_size == "doubled" else (h, w)
+    _write(dst, doc)
+    with pytest.raises(CocoFormatError) as err:
+        _verified(dst, with_masks=False)
+    text = str(err.value)
+    assert im["file_name"] in text and f"id {im['id']}" in text
+    assert f"{h} x {w}" in text and f"{im['height']} x {im['width']}" in text
+    parsed = _verified(dst, skip_bad=True, with_masks=False)
+    n_anns = sum(a["image_id"] == im["id"] for a in doc["annotations"])
+    assert parsed.skipped == {"size_mismatch": {"images": 1, "annotations": n_anns}}
+    assert im["id"] not in [i["id"] for i in parsed.images]
+    _assert_accounted(parsed, doc)
+
+
+def test_data_exif_rotated_image_is_accepted(synth_dir, tmp_path):
+    dst = str(tmp_path / "c")
+    doc = _small_copy(synth_dir, dst)
+    im = doc["images"][1]
+    path = os.path.join(dst, "train2017", im["file_name"])
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(_with_exif_orientation(data, 6))  # rotate 90 degrees clockwise
+    assert coco_builder.exif_orientation(open(path, "rb").read()) == 6
+    parsed = coco_builder.parse_split(dst, "annotations/instances_train2017.json", "train2017")
+    _, rotated = coco_builder.verify_images(parsed, skip_bad=False, num_workers=1, progress=False)
+    assert rotated == [im["id"]] and parsed.skipped == {}
+    got = next(i for i in parsed.images if i["id"] == im["id"])
+    assert (got["decoded_height"], got["decoded_width"]) == (im["width"], im["height"])
+
+
+def test_data_skip_bad_accounts_for_every_image_and_annotation(synth_dir, tmp_path):
+    """Several bad images at once: per reason, images and annotations in = out + counted."""
+    dst = str(tmp_path / "c")
+    doc = _small_copy(synth_dir, dst)
+    n_of = {im["id"]: sum(a["image_id"] == im["id"] for a in doc["annotations"]) for im in doc["images"]}
+    with open(os.path.join(dst, "train2017", doc["images"][0]["file_name"]), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg")  # image 1: does not decode
+    dup = dict(doc["images"][2], file_name=doc["images"][1]["file_name"])  # image 3's id used twice
+    doc["images"].append(dup)
+    doc["annotations"].append(dict(_poly_ann(doc), id=10_000, image_id=12345))  # no such image
+    _write(dst, doc)
+    with pytest.raises(CocoFormatError, match=r"image id 3 is used by 2 image entries"):
+        _parse(dst)
+    parsed = _verified(dst, skip_bad=True)
+    assert parsed.skipped == {
+        "corrupt_image": {"images": 1, "annotations": n_of[1]},
+        "duplicate_image_id": {"images": 2, "annotations": n_of[3]},
+        "ann_field": {"images": 0, "annotations": 1}}
+    assert [im["id"] for im in parsed.images] == [2]
+    _assert_accounted(parsed, doc)
+
+
+def test_data_unverified_size_mismatch_fails_in_the_train_pipeline(synth_dir, tmp_path):
+    """Built with verify_images=False, the mismatch is caught when the image is decoded, naming the file."""
+    import tensorflow as tf
+    from lit_jax.data import pipeline as P
+    dst = str(tmp_path / "c")
+    doc = _small_copy(synth_dir, dst)
+    for im in doc["images"]:  # every image is doubled: whichever comes first must fail
+        im["width"], im["height"] = 2 * im["width"], 2 * im["height"]
+    _write(dst, doc)
+    out = str(tmp_path / "tfds")
+    coco_builder.build(dst, out, "unverified", verify_images=False, with_masks=False)
+    cfg = P.DataConfig(data_dir=out, dataset="coco_instances/unverified", img_scale=(384, 256),
+                       global_batch_size=1, shuffle=False, min_size=0)
+    td = P.make_train_dataset(cfg, process_index=0, process_count=1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"size_mismatch: image.*\.jpg"):
+        next(iter(td.numpy_batches()))

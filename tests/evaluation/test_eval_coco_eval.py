@@ -1,6 +1,5 @@
 """COCO results formatting and evaluation: format, exact agreement with pycocotools, edge cases."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -354,8 +353,14 @@ def test_proposal_metric(gt_file, gt, tmp_path):
 
 def test_accepts_coco_object_and_dict(gt_file, gt):
     dets = _mixed_detections(gt)
-    a = _evaluator(gt_file, dets, masks=False).evaluate("bbox", ndigits=None)
-    b = _evaluator(COCO(gt_file), dets, masks=False).evaluate("bbox", ndigits=None)
-    c = _evaluator(json.load(open(gt_file)), dets, masks=False).evaluate("bbox", ndigits=None)
+    as_dict = json.load(open(gt_file))
+    evs = [_evaluator(src, dets, masks=False) for src in (gt_file, COCO(gt_file), as_dict)]
+    a, b, c = (ev.evaluate("bbox", ndigits=None) for ev in evs)
     assert a == b == c
-    assert os.path.exists(gt_file)
+    # all three evaluated exactly the file's ground truth, and the dict passed in was not modified
+    assert as_dict == json.load(open(gt_file))
+    for ev in evs:  # (COCOeval marks the annotations it reads with 'ignore' / '_ignore')
+        anns = [{k: v for k, v in a.items() if k not in ("ignore", "_ignore")} for a in ev.coco.dataset["annotations"]]
+        assert anns == as_dict["annotations"]
+        assert ev.coco.dataset["images"] == as_dict["images"]
+        assert ev.coco.dataset["categories"] == as_dict["categories"]
