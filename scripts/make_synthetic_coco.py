@@ -6,12 +6,8 @@ Then build the tfds dataset from it with ``python -m lit_jax.data.prepare --coco
 """
 import argparse
 import logging
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lit_jax.data.synthetic import make_synthetic_coco  # noqa: E402
+from lit_jax.data.synthetic import make_synthetic_coco
 
 
 def main(argv=None):

@@ -62,10 +62,12 @@ RELEASED_DETECTORS = {
 }
 
 
-def convert_checkpoint(model: str, src: Union[str, os.PathLike]) -> tuple[dict[str, Any], dict]:
+def convert_checkpoint(model: str, src: Union[str, os.PathLike]
+                       ) -> tuple[dict[str, Any], ConversionReport, dict]:
     """Converts a ``.pth`` of a backbone (``'lit_ti'`` / ``'lit_s'``: ImageNet weights) or of a released detector
-    (a key of :data:`RELEASED_DETECTORS`). Returns ``(variables, info)``; ``info`` is what ``conversion.json``
-    records: the model name, the conversion report and, for detectors, ``class_names`` and ``category_ids``
+    (a key of :data:`RELEASED_DETECTORS`). Returns ``(variables, report, info)``; ``info`` is what
+    ``conversion.json`` records: the model name, the report's fields and, for detectors, ``class_names`` and
+    ``category_ids``
     (the checkpoint's ``meta['CLASSES']``; COCO's ids when those are COCO's 80 classes)."""
     import dataclasses
 
@@ -79,11 +81,11 @@ def convert_checkpoint(model: str, src: Union[str, os.PathLike]) -> tuple[dict[s
         variables, meta, report = read_mmdet_checkpoint(src, detector)
         names = meta.get("CLASSES")
         names = [str(n) for n in names] if isinstance(names, (list, tuple)) and names else list(COCO_CLASSES)
-        return variables, {"model": model, **dataclasses.asdict(report), "class_names": names,
-                           "category_ids": category_ids_for(names)}
+        return variables, report, {"model": model, **dataclasses.asdict(report), "class_names": names,
+                                   "category_ids": category_ids_for(names)}
     if model not in backbone_names():
         raise ValueError(f"unknown model {model!r}; known: {backbone_names() + sorted(RELEASED_DETECTORS)}")
     state_dict = extract_state_dict(read_pth(src), src)
     prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
     variables, report = convert_backbone(state_dict, build_backbone(model), source=src, prefix=prefix)
-    return variables, {"model": model, **dataclasses.asdict(report)}
+    return variables, report, {"model": model, **dataclasses.asdict(report)}

@@ -39,6 +39,28 @@ def held_entries(dst: str) -> list[str]:
     return [os.path.join(dst, n) for n in (_TREE, _INFO) if os.path.lexists(os.path.join(dst, n))]
 
 
+def check_destination(dst: str, overwrite: bool = False) -> None:
+    """Raises ValueError naming ``dst`` when it cannot take a converted checkpoint: it is a file, or it holds one
+    already and ``overwrite`` is False. Cheap: call it before a long conversion."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"--dst {dst} exists and is not a folder")
+    held = held_entries(dst)
+    if held and not overwrite:
+        raise ValueError(f"--dst {dst} already holds a converted checkpoint ({', '.join(held)}); choose another "
+                         "folder or pass --overwrite")
+
+
+def remove_held(dst: str) -> None:
+    """Deletes what a previous :func:`save_variables` wrote under ``dst`` (nothing else)."""
+    import shutil
+
+    for old in held_entries(dst):
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
+
+
 def load_variables(src: str) -> dict[str, Any]:
     """Reads what :func:`save_variables` wrote, as nested dicts of numpy arrays."""
     src = os.path.abspath(src)

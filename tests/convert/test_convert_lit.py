@@ -180,6 +180,10 @@ def test_convert_weights_cli_for_a_released_style_detector(tmp_path, kind, modul
     direct = load_mmdet_pth(src, build_detector({"type": kind, "backbone": "lit_ti"}))
     jax.tree_util.tree_map(np.testing.assert_array_equal, load_variables(str(dst)), direct)
     assert set(direct["params"]) == modules
+    from lit_jax.evaluation.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES
+
+    info = json.load(open(dst / "conversion.json"))  # the class names travel with the weights
+    assert info["class_names"] == list(COCO_CLASSES) and info["category_ids"] == list(COCO_CATEGORY_IDS)
     assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(direct["params"])) == count
 
 

@@ -42,7 +42,7 @@ def released(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(kind)
     pth = str(tmp / f"{kind}.pth")
     save_random_detector(kind, pth, seed=3, cls_bias_shift=3.0)
-    variables, info = convert_checkpoint(kind, pth)
+    variables, _, info = convert_checkpoint(kind, pth)
     converted = save_variables(str(tmp / "converted"), variables, info)
     png = str(tmp / "chelsea.png")
     cv2.imwrite(png, photo()[..., ::-1])
