@@ -95,6 +95,29 @@ def test_main_trains_and_eval_script_reports_bbox_and_segm(data_root, tmp_path):
     drawn = os.path.join(out_dir, os.path.splitext(image["file_name"])[0] + ".png")
     assert cv2.imread(drawn).shape[:2] == (image["height"], image["width"]) and "1 images in" in stdout
 
+    # load_detector on the workdir: the model's own predict and paste on the same preprocessed image.
+    import jax
+
+    from lit_jax.data.image import prepare_image
+    from lit_jax.inference import load_detector, read_image
+
+    det = load_detector(SYNTH, workdir, overrides=tiny_overrides(data_root))
+    (r,) = det(path)
+    prep = prepare_image(read_image(path), (96, 64))
+    from lit_jax.inference import load_weights
+
+    variables = load_weights(workdir, det.model).variables
+    out = jax.jit(det.model.predict)(variables, jnp.asarray(prep.image[None]),
+                                     {"img_shape": prep.img_shape[None], "scale_factor": prep.scale_factor[None]})
+    n = int(np.sum(out.valid[0]))
+    assert n == len(r) > 0 and r.masks.shape == (n, image["height"], image["width"])
+    np.testing.assert_array_equal(r.labels, np.asarray(out.labels[0, :n]))
+    np.testing.assert_allclose(r.boxes, np.asarray(out.boxes[0, :n]), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(r.scores, np.asarray(out.scores[0, :n]), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(r.masks, det.model.paste(out.mask_probs[0, :n], out.mask_boxes[0, :n],
+                                                           (image["height"], image["width"]), out.mask_valid[0, :n]))
+    assert det.class_names == [c["name"] for c in gt.dataset["categories"]]
+
 
 def test_mask_rcnn_without_mask_data_is_a_clear_error(data_root, tmp_path, capsys):
     rc = main_mod.main(["--config", SYNTH, "--workdir", str(tmp_path), "--config.data.with_masks=False"]
