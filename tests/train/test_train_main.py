@@ -177,6 +177,9 @@ def test_failed_checkpoint_save_stops_training_with_one_error_line(data_root, tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    # A stand-in train step (nothing to compile): the save path is what is tested here.
+    ok = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "update_norm": jnp.float32(1.0)}
+    monkeypatch.setattr(Trainer, "make_train_step", lambda self, tx, schedule: (lambda state, batch: (state, ok)))
     workdir = tmp_path / "w"
     rc = main_mod.main(["--config", SYNTH, "--workdir", str(workdir), "--mode", "train"] + tiny_overrides(data_root)
                        + ["--config.train.max_steps=3", "--config.train.checkpoint_every_steps=1"])
