@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -108,3 +109,72 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = (),
     for key, text in overrides:
         apply_override(config, key, text)
     return config
+
+
+EVAL_MODES = ("per_image", "bucket")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the numeric and choice values whose wrong sign, zero or spelling is meaningless.
+
+    Run before any data is read or step taken; raises :class:`ConfigError` naming the key and the value.
+    Sections or keys a config does not have are skipped.
+    """
+
+    def get(dotted: str) -> tuple[bool, Any]:
+        node: Any = config
+        for part in dotted.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                return False, None
+            node = node[part]
+        return True, node
+
+    def check(dotted: str, ok: Callable[[Any], bool], want: str, *, allow_none: bool = False) -> None:
+        present, value = get(dotted)
+        if not present or (allow_none and value is None):
+            return
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ConfigError(f"config key {dotted!r} = {value!r}: must be {want}")
+
+    def ints_at_least(low: int) -> Callable[[Any], bool]:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    positive = lambda v: _number(v) and v > 0  # noqa: E731
+    non_negative = lambda v: _number(v) and v >= 0  # noqa: E731
+
+    check("optimizer.lr", positive, "a finite number > 0")
+    check("optimizer.weight_decay", non_negative, "a finite number >= 0")
+    check("optimizer.eps", positive, "a finite number > 0")
+    check("optimizer.betas", lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+          "two numbers in [0, 1)")
+    # build_optimizer clips only when grad_clip is truthy: 0 / None mean "no clipping".
+    check("optimizer.grad_clip", non_negative, "a finite number >= 0 (0 or None: no clipping)", allow_none=True)
+    check("schedule.epochs", ints_at_least(1), "an integer >= 1")
+    check("schedule.milestones", lambda v: all(ints_at_least(0)(m) for m in v), "integers >= 0 (epochs)")
+    check("schedule.gamma", positive, "a finite number > 0")
+    check("schedule.warmup_iters", ints_at_least(0), "an integer >= 0")
+    check("schedule.warmup_ratio", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    check("train.max_steps", ints_at_least(0), "an integer >= 0 (0: schedule.epochs)")
+    check("train.checkpoint_every_steps", ints_at_least(1), "an integer >= 1")
+    check("train.keep_checkpoints", ints_at_least(1), "an integer >= 1")
+    check("train.log_every_steps", ints_at_least(1), "an integer >= 1")
+    check("train.eval_every_epochs", ints_at_least(0), "an integer >= 0 (0: only at the end)")
+    check("train.prefetch", ints_at_least(0), "an integer >= 0")
+    check("train.stats_group_size", ints_at_least(0), "an integer >= 0 (0: the whole per-device batch)")
+    check("train.reference_batch", ints_at_least(1), "an integer >= 1")
+    check("data.global_batch_size", ints_at_least(1), "an integer >= 1")
+    check("data.eval_global_batch_size", ints_at_least(1), "an integer >= 1")
+    check("data.shuffle_buffer", ints_at_least(0), "an integer >= 0")
+    check("data.max_instances", ints_at_least(1), "an integer >= 1")
+    check("data.flip_prob", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    check("data.img_scale", lambda v: len(v) == 2 and all(ints_at_least(1)(x) for x in v), "two integers >= 1")
+    check("model.num_classes", ints_at_least(1), "an integer >= 1")
+    check("eval.mode", lambda v: v in EVAL_MODES, " or ".join(repr(m) for m in EVAL_MODES))

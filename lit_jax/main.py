@@ -6,8 +6,10 @@
 
 Modes: ``train`` (no evaluation), ``eval`` (the latest checkpoint in --workdir), ``train_and_eval``
 (evaluate every ``train.eval_every_epochs`` and at the end). A run resumes from the latest checkpoint in
---workdir. Multi-host: launched under SLURM or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID set, ``jax.distributed.initialize()`` is called first (see README).
+--workdir. Exit status: 0 done; 2 bad config, data or checkpoint (``error: ...``, before training where it can
+be known then); 3 non-finite loss (the last good checkpoint is kept); 4 a checkpoint could not be saved.
+Multi-host: launched under SLURM or with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set,
+``jax.distributed.initialize()`` is called first (see README).
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def main(argv=None) -> int:
 
     sharding.maybe_initialize_distributed()
 
+    from lit_jax.config import validate_config
+    from lit_jax.train.checkpoint import CheckpointSaveError
     from lit_jax.train.trainer import NonFiniteLossError, Trainer
 
     try:
+        validate_config(config)  # before the dataset is generated or anything is built
         ensure_synthetic_dataset(config)
         trainer = Trainer(config, args.workdir)
         if args.mode == "eval":
@@ -72,6 +77,10 @@ def main(argv=None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as err:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     except (FileNotFoundError, ValueError) as err:
         logging.getLogger(__name__).debug("failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)

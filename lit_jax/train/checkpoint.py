@@ -45,7 +45,20 @@ Corruption handling
 Atomic saves do not protect against later damage (a truncated copy, a deleted file, a garbled JSON file).
 :meth:`CheckpointStore.restore` without an explicit step tries the newest step first; when reading it raises,
 it logs a ``WARNING`` naming the step and the error and tries the next older step, and so on. If no step can be
-read it raises :class:`CheckpointRestoreError` listing every step with its error. How damage shows up (orbax
+read it raises :class:`CheckpointRestoreError` listing every step with its error. With
+``set_aside_unreadable=True`` (training resumes) the newer unreadable steps are then renamed to
+``<step>.corrupt-<YYYYmmdd-HHMMSS>`` (one WARNING each, nothing deleted): orbax no longer lists them, so the
+run can save those step numbers again. Before orbax reads a step, the OCDBT manifest, b-tree and per-array
+``.zarray`` metadata are read synchronously (:meth:`CheckpointStore._preflight`), and after a failed read the
+reads orbax abandoned are finalised at once (:func:`_collect_abandoned_reads`): both keep a fallback to one
+warning instead of hundreds of "Event loop is closed" / "Exception ignored" tracebacks.
+
+Saving (errors and logging)
+---------------------------
+A save that fails -- at once or in orbax's background thread (disk full, no permission) -- raises
+:class:`CheckpointSaveError` ``could not save checkpoint step N to DIR: <reason>`` from the next :meth:`poll`
+(non-blocking, once per training step), :meth:`wait`, :meth:`save`, :meth:`restore` or :meth:`close`. A committed
+save logs ``checkpoint saved: step N -> DIR/N`` (INFO) when it is noticed there. How damage shows up (orbax
 0.12.8): truncated/deleted array chunk files or a truncated ``manifest.ocdbt`` raise ``ValueError``
 (``DATA_LOSS`` / ``OUT_OF_RANGE`` / ``NOT_FOUND`` from TensorStore) or a bare ``Exception("Encountered error
 while reading array index ...")`` chained to the TensorStore error; a garbled ``state/_METADATA`` or
@@ -79,13 +92,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointStore", "CheckpointRestoreError", "CheckpointStructureError"]
+__all__ = ["CheckpointStore", "CheckpointRestoreError", "CheckpointSaveError", "CheckpointStructureError"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +116,38 @@ class CheckpointRestoreError(RuntimeError):
     def __init__(self, message: str, failures: Mapping[int, BaseException]):
         super().__init__(message)
         self.failures = dict(failures)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (at once or in the background); the message names the step, the directory and the reason."""
+
+    def __init__(self, step: int, directory: str, cause: BaseException):
+        super().__init__(f"could not save checkpoint step {step} to {directory}: {_describe(cause)}")
+        self.step = step
+
+
+class _OrbaxLogNoise(logging.Filter):
+    """Quiets two kinds of orbax log records (orbax logs through absl's ``absl`` Python logger):
+
+    * ``Given directory is read only=...`` (WARNING), logged whenever a manager is opened with ``read_only=True``:
+      our restore reader is read-only on purpose, so on every resume the notice only misled users. Dropped.
+    * the ERROR records of a failed background save (``Failed to run ... Commit operations``, ``Save Finalize
+      thread ... failed``) carry the full traceback through orbax's threads; the store reports the same error
+      as one :class:`CheckpointSaveError` (chained to the original exception). The line is kept, the
+      traceback dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith("Given directory is read only"):
+            return False
+        if record.levelno >= logging.ERROR and record.exc_info and (
+                "Commit operations" in msg or "Save Finalize thread" in msg):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ORBAX_LOG_FILTER = _OrbaxLogNoise()
 
 
 class CheckpointStructureError(ValueError):
@@ -163,6 +209,36 @@ def _stored_shape(leaf: Any) -> Optional[tuple]:
     return tuple(shape)
 
 
+def _collect_abandoned_reads() -> None:
+    """Finalises, now and quietly, the read coroutines orbax abandoned when a restore failed.
+
+    orbax reads all arrays concurrently on a private event loop; when one read fails it closes the loop with the
+    other reads still pending. Whenever the garbage collector later finalises those coroutines, each raises
+    from its ``await`` (``Exception: Encountered error while reading array index`` chained to
+    ``GeneratorExit``) and Python prints it as an "Exception ignored" traceback -- hundreds, at a random later
+    moment of training. Their step already failed and is reported once by :meth:`CheckpointStore.restore`, so
+    here they are collected right away with only *their* reports (coroutines defined in orbax) dropped;
+    everything else still reaches the previous ``sys.unraisablehook``.
+    """
+    import gc
+    import sys
+    import types
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        obj = unraisable.object
+        if isinstance(obj, types.CoroutineType) and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
 class CheckpointStore:
     """Keeps the last ``keep`` training checkpoints of ``(state, extra)`` under ``directory``.
 
@@ -185,6 +261,9 @@ class CheckpointStore:
         self.directory = directory
         self.keep = keep
         self.async_save = async_save
+        self._pending: Optional[int] = None  # step of a save not yet reported as committed (see wait/poll)
+        self._is_primary = jax.process_index() == 0
+        logging.getLogger("absl").addFilter(_ORBAX_LOG_FILTER)  # idempotent: one filter object, added once
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
         # Handlers registered up front (rather than inferred by orbax from the first save's args), so that a
         # freshly opened store can interpret existing steps' items before it has saved anything.
@@ -207,8 +286,9 @@ class CheckpointStore:
         earlier one is still being written first waits for it (orbax does this).
 
         Raises:
-          ValueError: ``step`` is not newer than the latest stored step (orbax would silently skip it; when
-            resuming from an older step after a fallback restore, :meth:`delete` the newer steps first).
+          ValueError: ``step`` is not newer than the latest stored step (orbax would silently skip it; after a
+            fallback restore, restore with ``set_aside_unreadable=True`` or :meth:`delete` the newer steps).
+          CheckpointSaveError: this save, or the previous asynchronous one, could not be written.
           TypeError: ``extra`` is not a JSON-serialisable mapping.
         """
         step = int(step)
@@ -220,6 +300,7 @@ class CheckpointStore:
             json.dumps(extra)
         except (TypeError, ValueError) as e:
             raise TypeError(f"extra must be JSON-serialisable: {e}") from e
+        self.wait()  # a failed earlier save is reported here, under its own step, before anything else
         latest = self._manager.latest_step()
         if latest is not None and step <= latest:
             raise ValueError(
@@ -227,18 +308,45 @@ class CheckpointStore:
                 f"{latest} (stored steps: {self.all_steps()}); delete the newer steps first if resuming "
                 "from an older checkpoint"
             )
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(dict(extra))}
-            ),
-        )
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(dict(extra))}
+                ),
+            )
+        except OSError as e:  # e.g. no space left / not writable while writing the blocking part
+            raise CheckpointSaveError(step, self.directory, e) from e
         if not saved:  # should_save() said no; with our options this should not happen.
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+        self._pending = step
+        if not self.async_save:
+            self.wait()
+
+    def poll(self) -> None:
+        """Non-blocking: if the pending background save has ended, reports it (log line or CheckpointSaveError).
+
+        Call it once per training step so a failed save stops training at once rather than a save later.
+        """
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until every pending (async) save is written and committed; re-raises a failed save's error."""
-        self._manager.wait_until_finished()
+        """Blocks until the pending (async) save is written and committed, then logs
+        ``checkpoint saved: step N -> DIR``.
+
+        Raises:
+          CheckpointSaveError: the save failed (naming its step, this directory and orbax's reason).
+        """
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- any failure of the background write is a failed save
+            if step is None:
+                raise
+            raise CheckpointSaveError(step, self.directory, e) from e
+        if step is not None and self._is_primary:
+            logger.info("checkpoint saved: step %d -> %s", step, os.path.join(self.directory, str(step)))
 
     # ------------------------------------------------------------------ listing
 
@@ -258,7 +366,8 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, target: Any, step: Optional[int] = None) -> tuple[int, Any, dict]:
+    def restore(self, target: Any, step: Optional[int] = None, *, set_aside_unreadable: bool = False
+                ) -> tuple[int, Any, dict]:
         """Restores ``(step, state, extra)``.
 
         Args:
@@ -269,6 +378,9 @@ class CheckpointStore:
             saved, for inspection.
           step: a step to restore; that step or an error, no fallback. ``None``: the newest step that can be
             read, falling back to older ones (with a WARNING each) when newer ones are unreadable.
+          set_aside_unreadable: after a fallback, rename the newer unreadable steps to
+            ``<step>.corrupt-<YYYYmmdd-HHMMSS>`` (one WARNING each; nothing is deleted) so that training can save
+            those step numbers again. Off for read-only uses (evaluation).
 
         Raises:
           FileNotFoundError: the store holds no steps, or not the requested one.
@@ -276,7 +388,7 @@ class CheckpointStore:
           CheckpointRestoreError: no candidate step could be read; lists each step and its error.
         """
         # Make our own pending saves durable, then pick up steps other jobs may have written meanwhile.
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.reload()
         steps = self.all_steps()
         if not steps:
@@ -291,22 +403,26 @@ class CheckpointStore:
 
         abstract = None if target is None else jax.tree.map(_abstract_leaf, target)
         failures: dict[int, BaseException] = {}
+        found = None
         reader = self._process_local_reader()
         try:
             for i, s in enumerate(candidates):
                 result, error = None, None
                 try:
+                    self._preflight(s)
                     self._check_structure(reader, s, abstract)
                     result = self._restore_step(reader, s, abstract)
                 except Exception as e:  # noqa: BLE001 -- any read error means "this step is unusable"
                     error = e
+                    _collect_abandoned_reads()
                 if isinstance(error, CheckpointStructureError):
                     code = _STRUCTURE_ERROR
                 else:
                     code = _OK if error is None else _UNREADABLE
                 code = _worst_over_processes(code)
                 if code == _OK:
-                    return s, result[0], result[1]
+                    found = (s, result[0], result[1])
+                    break
                 if code == _STRUCTURE_ERROR:
                     if isinstance(error, CheckpointStructureError):
                         raise error
@@ -319,16 +435,40 @@ class CheckpointStore:
                 failures[s] = error
                 if i + 1 < len(candidates):
                     logger.warning(
-                        "Checkpoint step %d in %s could not be restored (%s); falling back to step %d. Newer "
-                        "unreadable steps stay on disk: delete them before saving those step numbers again.",
+                        "Checkpoint step %d in %s could not be restored (%s); falling back to step %d.",
                         s, self.directory, _describe(error), candidates[i + 1],
                     )
         finally:
             reader.close()
+        if found is not None:
+            if failures and set_aside_unreadable:
+                self._set_aside(sorted(failures), found[0])
+            return found
         lines = "\n".join(f"  step {s}: {_describe(e)}" for s, e in failures.items())
         raise CheckpointRestoreError(
             f"no checkpoint in {self.directory} could be restored; tried:\n{lines}", failures
         ) from failures[candidates[-1]]
+
+    def _set_aside(self, steps: list[int], restored: int) -> None:
+        """Renames unreadable ``steps`` to ``<step>.corrupt-<time>`` (not a bare integer, so orbax no longer lists
+        them and the step numbers can be saved again); the primary process renames, the others wait for it."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if self._is_primary:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst = f"{src}.corrupt-{stamp}"
+                n = 1
+                while os.path.exists(dst):  # two fallbacks within one second: never overwrite what was set aside
+                    n += 1
+                    dst = f"{src}.corrupt-{stamp}-{n}"
+                os.rename(src, dst)
+                logger.warning("unreadable checkpoint step %d moved aside to %s (training continues from step %d)",
+                               s, dst, restored)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lit_checkpoint_set_aside")
+        self._manager.reload()
 
     def _process_local_reader(self) -> ocp.CheckpointManager:
         """A read-only manager over the same directory whose restores contain no cross-process barrier.
@@ -356,6 +496,28 @@ class CheckpointStore:
                 ),
             ),
         )
+
+    def _preflight(self, step: int) -> None:
+        """Reads the step's OCDBT manifest, b-tree and every array's ``.zarray`` metadata synchronously.
+
+        Damage there (e.g. a truncated ``manifest.ocdbt``) would otherwise make all of orbax's concurrent array
+        opens fail at once; orbax then closes its asyncio loop while TensorStore still completes the other
+        opens, and each of those prints a ``RuntimeError: Event loop is closed`` traceback (hundreds per
+        restore, burying the fallback warning). Found here, the step fails with one clean error and orbax is
+        never asked. Cheap: a few small reads; array chunks are not read. Local directories only.
+        """
+        path = os.path.join(self.directory, str(step), STATE_ITEM)
+        if "://" in self.directory or not os.path.isfile(os.path.join(path, "manifest.ocdbt")):
+            return
+        import tensorstore as ts
+
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}/"}).result()
+        reads = [(k, kv.read(k)) for k in kv.list().result() if k.endswith(b"/.zarray")]
+        for key, read in reads:
+            try:
+                json.loads(read.result().value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: array metadata {key.decode()} is not valid JSON ({e})") from e
 
     @staticmethod
     def _restore_step(reader: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Any, dict]:
@@ -412,8 +574,11 @@ class CheckpointStore:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Waits for pending saves, then releases orbax's threads and resources."""
-        self._manager.close()
+        """Waits for pending saves (raising CheckpointSaveError if one failed), then releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "CheckpointStore":
         return self

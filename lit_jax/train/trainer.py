@@ -137,14 +137,17 @@ class Trainer:
 
     # -- loops ---------------------------------------------------------------------------------------------
     def train(self, final_eval: bool = True) -> TrainState:
+        from lit_jax.config import validate_config
         from lit_jax.data.pipeline import make_train_dataset
         from lit_jax.train.checkpoint import CheckpointStore
         from lit_jax.train.metrics import MetricLogger
 
         cfg = self.config
+        validate_config(cfg)
         os.makedirs(self.workdir, exist_ok=True)
         self._write_config()
         data = make_train_dataset(self.data_cfg)
+        check_num_classes(data.source, self.detector.cfg.num_classes)
         classes = (list(data.source.category_names), [int(i) for i in data.source.category_ids])
         steps_per_epoch = data.steps_per_epoch
         total = int(cfg.train.get("max_steps", 0) or 0) or steps_per_epoch * int(cfg.schedule.epochs)
@@ -155,11 +158,14 @@ class Trainer:
         state = self.init_state(tx)
         ckpt_every = int(cfg.train.checkpoint_every_steps)
         resume = store.latest_step()
+        last_good = None  # the newest checkpoint known to be readable: the one restored, then each one saved
         iterator = DataIterator(data, self.mesh, os.path.join(self.workdir, "data_state"),
                                 prefetch=int(cfg.train.get("prefetch", 2)), start_step=resume or 0,
                                 checkpoint_every=ckpt_every, total_steps=total)
         if resume is not None:
-            step, state, extra = store.restore(state)
+            # After a fallback the unreadable newer steps are renamed aside, so this run can save them again.
+            step, state, extra = store.restore(state, set_aside_unreadable=True)
+            last_good = step
             iterator.restore(step)
             log.info("resumed from step %d (%s)", step, extra.get("time", ""))
         start = int(state.step)
@@ -171,9 +177,9 @@ class Trainer:
         log.info("training %d steps (%d per epoch) from step %d on %d devices, %d processes", total,
                  steps_per_epoch, start, jax.device_count(), jax.process_count())
         pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch async
-        last_good = store.latest_step()
         try:
             for step in range(start, total):
+                store.poll()  # a background save that failed stops training here, naming its step
                 batch = next(iterator)
                 state, metrics = train_step(state, {k: batch[k] for k in self.detector.train_batch_keys})
                 if pending is not None:
@@ -194,10 +200,13 @@ class Trainer:
                 self._check_finite(*pending, last_good)
                 logger.log(pending[0], pending[1])
         finally:
-            iterator.close()
-            store.wait()
-            store.close()
-            logger.close()
+            try:
+                iterator.close()
+            finally:
+                try:
+                    store.close()  # waits for the last save; raises CheckpointSaveError if it failed
+                finally:
+                    logger.close()
         if final_eval:
             show_dir = os.path.join(self.workdir, "predictions")
             show_num = int(cfg.eval.get("show_num", 0) or 0)
@@ -393,6 +402,19 @@ def _write_json(path: str, obj) -> None:
     os.makedirs(parent, exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f)
+
+
+def check_num_classes(source, num_classes: int) -> None:
+    """Raises ValueError unless the dataset has exactly ``model.num_classes`` categories.
+
+    Labels themselves need no pass over the data: coco_instances builds each label as the index of its
+    category_id in the same category list (annotations of unknown categories are dropped at prepare time) and
+    tfds coco stores them as a ClassLabel over its names, so every label is in ``[0, source.num_classes)``.
+    """
+    if source.num_classes != num_classes:
+        raise ValueError(f"dataset {source.name} has {source.num_classes} categories but model.num_classes is "
+                         f"{num_classes}: set --config.model.num_classes={source.num_classes} (labels >= "
+                         f"{num_classes} would silently be trained as background)")
 
 
 def annotation_file(source, split: str) -> str:

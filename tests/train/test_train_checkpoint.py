@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +196,52 @@ def test_resume_after_fallback_needs_delete(tmp_path):
         step, restored, extra = store.restore(abstract(make_state()))
     assert step == 3 and extra == {"step": 30}
     assert_tree_equal(restored, make_state(30))
+
+
+def test_fallback_sets_aside_unreadable_steps_so_they_can_be_saved_again(tmp_path, caplog, monkeypatch):
+    fill(tmp_path, [1, 2, 3])
+    truncate_chunks(str(tmp_path / "3"))  # the manifest too: every array open of step 3 fails at once
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with CheckpointStore(str(tmp_path), async_save=False) as store:
+        step, _, _ = store.restore(abstract(make_state()), set_aside_unreadable=True)
+        assert step == 2 and store.all_steps() == [1, 2]
+        moved = [d for d in os.listdir(tmp_path) if d.startswith("3.corrupt-")]
+        assert len(moved) == 1 and os.path.isdir(tmp_path / moved[0] / "state")  # kept, not deleted
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2, warnings  # the fallback and the move, nothing else (no read-only notice)
+        assert "moved aside to" in warnings[1] and moved[0] in warnings[1]
+        store.save(3, make_state(30), {"step": 30})
+        assert any(r.getMessage() == f"checkpoint saved: step 3 -> {tmp_path / '3'}" for r in caplog.records)
+        step, restored, extra = store.restore(abstract(make_state()))
+    assert step == 3 and extra == {"step": 30}
+    assert_tree_equal(restored, make_state(30))
+    import gc
+
+    time.sleep(0.5)  # late TensorStore callbacks would land here
+    gc.collect()
+    assert not [u for u in unraisable if "Event loop is closed" in str(u.exc_value)], len(unraisable)
+
+
+def test_failed_background_save_is_reported_with_step_and_directory(tmp_path, caplog, monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    from lit_jax.train.checkpoint import CheckpointSaveError
+
+    async def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    store = CheckpointStore(str(tmp_path / "ckpt"))  # async: the error happens in orbax's background thread
+    store.save(5, make_state(), {})
+    with pytest.raises(CheckpointSaveError, match=rf"could not save checkpoint step 5 to {tmp_path / 'ckpt'}: "
+                                                  r"OSError: .*No space left on device"):
+        for _ in range(600):  # poll() is non-blocking; a training loop calls it once per step
+            store.poll()
+            time.sleep(0.05)
+    store.close()  # the error was reported once; closing does not raise it again
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback through orbax's threads in the log
 
 
 def test_all_corrupt_lists_every_step(tmp_path, caplog):

@@ -6,6 +6,7 @@ on its own results file and takes a released-style mmdet checkpoint with --pth.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -53,10 +54,26 @@ def _params(workdir, config):
     return trainer.load_variables(checkpoint=workdir)["params"]
 
 
-def test_resume_after_a_checkpoint_equals_an_uninterrupted_run(data_root, tmp_path):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """A workdir trained 4 steps with checkpoints at steps 2 and 4 (shared: copy it before changing it)."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "w")
     Trainer(_config(data_root, "--config.train.max_steps=4", "--config.train.checkpoint_every_steps=2"),
-            straight).train(final_eval=False)
+            workdir).train(final_eval=False)
+    return workdir
+
+
+def _stored_params(workdir, step):
+    with CheckpointStore(os.path.join(workdir, "checkpoints")) as store:
+        return store.restore(None, step=step)[1]["params"]
+
+
+def _max_diff(a, b):
+    return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
+
+
+def test_resume_after_a_checkpoint_equals_an_uninterrupted_run(data_root, trained, tmp_path):
+    straight, resumed = trained, str(tmp_path / "resumed")
     # "Interrupted" after the step-2 checkpoint, then started again with the same command.
     Trainer(_config(data_root, "--config.train.max_steps=2", "--config.train.checkpoint_every_steps=2"),
             resumed).train(final_eval=False)
@@ -64,12 +81,15 @@ def test_resume_after_a_checkpoint_equals_an_uninterrupted_run(data_root, tmp_pa
     Trainer(_config(data_root, "--config.train.max_steps=4", "--config.train.checkpoint_every_steps=2"),
             resumed).train(final_eval=False)
     config = _config(data_root)
-    a, b = _params(straight, config), _params(resumed, config)
-    diffs = jax.tree_util.tree_map(lambda x, y: float(jnp.abs(x - y).max()), a, b)
-    assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-6
-    # And the step-2 -> 4 continuation really trained (parameters moved).
-    first = CheckpointStore(os.path.join(straight, "checkpoints")).all_steps()
-    assert first == [2, 4]
+    assert _max_diff(_params(straight, config), _params(resumed, config)) <= 1e-6
+    # And the step-2 -> 4 continuation really trained: the parameters moved from step 2 and from the init.
+    assert CheckpointStore(os.path.join(straight, "checkpoints")).all_steps() == [2, 4]
+    from lit_jax.train.optim import build_optimizer
+
+    trainer = Trainer(config, str(tmp_path / "init"))
+    init = trainer.init_state(build_optimizer(config.optimizer.to_dict(), trainer.learning_rate(1))).params
+    step2, step4 = _stored_params(straight, 2), _stored_params(straight, 4)
+    assert _max_diff(step2, step4) > 1e-6 and _max_diff(init, step2) > 1e-6
 
 
 def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
@@ -84,6 +104,88 @@ def test_non_finite_update_stops_and_keeps_the_last_good_checkpoint(data_root, t
     assert store.all_steps()[-1] == 2
     params = _params(workdir, config)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_training_goes_on(data_root, trained, tmp_path, caplog):
+    import shutil
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained, workdir)
+    ckpt = os.path.join(workdir, "checkpoints")
+    state_files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpt, "4", "state")) for f in fs]
+    largest = max(state_files, key=os.path.getsize)
+    os.truncate(largest, 100)
+    config = _config(data_root, "--config.train.max_steps=6", "--config.train.checkpoint_every_steps=2")
+    # Resumed from step 2, the first step after it (3) goes non-finite: the kept checkpoint is step 2, not the
+    # unreadable step 4. (A stand-in train step: nothing to compile, the loss is NaN.)
+    trainer = Trainer(config, workdir)
+    nan = {"loss": jnp.nan, "grad_norm": jnp.nan, "update_norm": jnp.nan}
+    trainer.make_train_step = lambda tx, schedule: (lambda state, batch: (state, nan))
+    with caplog.at_level(logging.WARNING, logger="lit_jax.train.checkpoint"):
+        with pytest.raises(NonFiniteLossError, match=r"at step 3 .*last good checkpoint: step 2 "):
+            trainer.train(final_eval=False)
+    moved = [d for d in os.listdir(ckpt) if d.startswith("4.corrupt-")]
+    assert len(moved) == 1 and os.path.isfile(os.path.join(ckpt, moved[0], "state", os.path.relpath(
+        largest, os.path.join(ckpt, "4", "state"))))
+    assert [r for r in caplog.records if "moved aside" in r.getMessage()]
+    # The next run saves step 4 again and goes past it; a further run resumes from its last step.
+    Trainer(config, workdir).train(final_eval=False)
+    assert CheckpointStore(ckpt).all_steps() == [2, 4, 6]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        state = Trainer(config, workdir).train(final_eval=False)
+    assert int(state.step) == 6 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_bad_config_values_are_refused_before_training(tmp_path, capsys):
+    for override, named in [("--config.optimizer.grad_clip=-1", "'optimizer.grad_clip' = -1.0"),
+                            ("--config.train.checkpoint_every_steps=0", "'train.checkpoint_every_steps' = 0"),
+                            ("--config.optimizer.lr=0", "'optimizer.lr' = 0.0"),
+                            ("--config.data.global_batch_size=-2", "'data.global_batch_size' = -2"),
+                            ("--config.schedule.epochs=0", "'schedule.epochs' = 0"),
+                            ("--config.eval.mode=per-image", "'eval.mode' = 'per-image'")]:
+        data = tmp_path / "never_generated"
+        rc = main_mod.main(["--config", SYNTH, "--workdir", str(tmp_path / "w"), f"--config.synthetic.root={data}",
+                            override])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: config key ") and named in err[0], err
+        assert not os.path.exists(data) and not os.path.exists(tmp_path / "w")  # nothing was built or written
+    from lit_jax.config import ConfigError, validate_config
+
+    config = load_config(SYNTH)
+    config.optimizer.grad_clip = None  # None and 0 switch clipping off
+    validate_config(config)
+    config.optimizer.grad_clip = float("nan")
+    with pytest.raises(ConfigError, match="grad_clip"):
+        validate_config(config)
+
+
+def test_class_count_mismatch_is_refused_before_training(data_root, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    rc = main_mod.main(["--config", SYNTH, "--workdir", str(workdir), "--mode", "train",
+                        "--config.model.num_classes=3"] + tiny_overrides(data_root))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "coco_instances/synthetic" in err[0] and "6 categories" in err[0] and "model.num_classes is 3" in err[0]
+    assert not os.path.exists(workdir / "checkpoints")
+
+
+def test_failed_checkpoint_save_stops_training_with_one_error_line(data_root, tmp_path, capsys, monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    async def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    # A stand-in train step (nothing to compile): the save path is what is tested here.
+    ok = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "update_norm": jnp.float32(1.0)}
+    monkeypatch.setattr(Trainer, "make_train_step", lambda self, tx, schedule: (lambda state, batch: (state, ok)))
+    workdir = tmp_path / "w"
+    rc = main_mod.main(["--config", SYNTH, "--workdir", str(workdir), "--mode", "train"] + tiny_overrides(data_root)
+                       + ["--config.train.max_steps=3", "--config.train.checkpoint_every_steps=1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 4 and err == [f"error: could not save checkpoint step 1 to {workdir / 'checkpoints'}: OSError: "
+                               "[Errno 28] No space left on device"], err
 
 
 def test_unknown_config_key_and_missing_dataset_are_clear_errors(tmp_path, capsys):
