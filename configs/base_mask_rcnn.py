@@ -36,6 +36,9 @@ def mask_rcnn_config(backbone: str) -> ml_collections.ConfigDict:
     })
     c.model.dtype = "float32"
     c.model.pretrained = ""
+    # A whole detector to start from (fine-tuning): a released .pth, a convert_weights.py folder, a training
+    # workdir or step folder. Layers whose shape depends on num_classes are re-initialised when it differs.
+    c.model.load_from = ""
     # GT masks travel as 56x56 crops over each GT box; the RoI targets (28x28) are resampled from them.
     # 255-level crops agree with full-resolution targets at mean IoU 0.996 on the synthetic set, binary
     # crops at 0.979 (tests/ops/test_mask_targets.py).

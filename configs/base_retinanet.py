@@ -23,6 +23,9 @@ def retinanet_config(backbone: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     # Converted ImageNet weights (scripts/convert_weights.py --dst DIR) or '' to train from scratch.
     c.model.pretrained = ""
+    # A whole detector to start from (fine-tuning): a released .pth, a convert_weights.py folder, a training
+    # workdir or step folder. Layers whose shape depends on num_classes are re-initialised when it differs.
+    c.model.load_from = ""
 
     c.data = ml_collections.ConfigDict({
         "data_dir": "data/tfds",
@@ -30,6 +33,8 @@ def retinanet_config(backbone: str) -> ml_collections.ConfigDict:
         "train_split": "train",
         "eval_split": "val",
         "img_scale": (1333, 800),
+        # Training / bucket-evaluation canvases ((H, W), ...); None: landscape and portrait from img_scale.
+        "canvases": None,
         "flip_prob": 0.5,
         "max_instances": 100,
         "global_batch_size": 16,
@@ -41,6 +46,9 @@ def retinanet_config(backbone: str) -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8,
         "no_decay_keywords": (), "grad_clip": 0.0,
+        # Regular expressions of parameter paths the optimizer leaves untouched (e.g. ("^backbone/",));
+        # model.backbone_args.frozen_stages freezes the backbone's first stages (BatchNorm statistics too).
+        "frozen_params": (),
     })
     c.schedule = ml_collections.ConfigDict({
         "epochs": 12, "milestones": (8, 11), "gamma": 0.1, "warmup_iters": 500, "warmup_ratio": 0.001,

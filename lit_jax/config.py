@@ -1,7 +1,9 @@
 """Config files (ml_collections, one ``get_config()`` per file) and ``--config.a.b=value`` overrides.
 
-An override must name an existing key; its value is parsed as a Python literal (``1e-4``, ``(8, 11)``,
-``True``) or kept as a string, and must fit the key's type. Errors name the key and what is known there.
+An override must name an existing key, except inside the free-form keyword sections (``model.backbone_args``,
+``model.head``, ``model.train_test``) where it may add one; its value is parsed as a Python literal (``1e-4``,
+``(8, 11)``, ``True``) or kept as a string, and must fit the key's type. Errors name the key, the closest
+existing one and what is known there.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ast
 import importlib.util
 import math
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
@@ -24,10 +27,16 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"lit_jax_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(spec)
+    # While it loads, the file's folder is importable: a config beside configs/base_*.py builds on them with a
+    # plain ``from base_retinanet import retinanet_config``.
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # a broken config file: say which
         raise ConfigError(f"config file {path}: {type(err).__name__}: {err}") from err
+    finally:
+        sys.path.remove(folder)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
     config = module.get_config()
@@ -43,21 +52,39 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# Sections that hold free-form keyword arguments of a constructor: an override may add a key there (the
+# constructor then checks it and names the keys it knows). Everywhere else a key must exist already.
+FREE_FORM_SECTIONS = ("model.backbone_args", "model.head", "model.train_test")
+
+
+def _unknown_key(dotted: str, part: str, where: str, node: Any) -> ConfigError:
+    import difflib
+
+    known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    close = difflib.get_close_matches(part, known, n=1)
+    hint = f"; did you mean {'.'.join(filter(None, [where if where != '<top>' else '', close[0]]))!r}?" if close else ""
+    return ConfigError(f"unknown config key {dotted!r}: no {part!r} under {where}{hint} (known: {known})")
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-    """Sets ``config.<dotted> = literal(text)``; the key must exist and the type must fit."""
+    """Sets ``config.<dotted> = literal(text)``. The key must exist (the error names the closest one) and the
+    type must fit, except inside :data:`FREE_FORM_SECTIONS`, where a new key is added as parsed."""
     parts = dotted.split(".")
     node = config
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            where = ".".join(parts[:i]) or "<top>"
-            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ConfigError(f"unknown config key {dotted!r}: no {part!r} under {where} (known: {known})")
+            raise _unknown_key(dotted, part, ".".join(parts[:i]) or "<top>", node)
         node = node[part]
     leaf = parts[-1]
+    parent = ".".join(parts[:-1])
+    if isinstance(node, ml_collections.ConfigDict) and leaf not in node and parent in FREE_FORM_SECTIONS:
+        try:
+            node[leaf] = _parse_value(text)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config key {dotted!r}: {err}") from err
+        return
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        where = ".".join(parts[:-1]) or "<top>"
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise ConfigError(f"unknown config key {dotted!r}: no {leaf!r} under {where} (known: {known})")
+        raise _unknown_key(dotted, leaf, parent or "<top>", node)
     value = _parse_value(text)
     old = node[leaf]
     if isinstance(old, tuple) and isinstance(value, list):
@@ -178,3 +205,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check("data.img_scale", lambda v: len(v) == 2 and all(ints_at_least(1)(x) for x in v), "two integers >= 1")
     check("model.num_classes", ints_at_least(1), "an integer >= 1")
     check("eval.mode", lambda v: v in EVAL_MODES, " or ".join(repr(m) for m in EVAL_MODES))
+    check("eval.show_num", ints_at_least(0), "an integer >= 0")
+    present_p, pretrained = get("model.pretrained")
+    present_l, load_from = get("model.load_from")
+    if present_p and present_l and pretrained and load_from:
+        raise ConfigError(f"model.load_from={load_from!r} and model.pretrained={pretrained!r} are both set: "
+                          "load_from starts from a whole detector (its backbone included); clear one of them")

@@ -183,7 +183,7 @@ class Detector:
                 score_thr: Optional[float]) -> Result:
         keep = np.asarray(out.valid[i], bool)
         if score_thr is not None:
-            keep &= np.asarray(out.scores[i]) > score_thr  # strictly greater, as mmdet's show_result
+            keep = keep & (np.asarray(out.scores[i]) > score_thr)  # strictly greater, as mmdet's show_result
         slots = np.flatnonzero(keep)
         labels = np.asarray(out.labels[i])[slots].astype(np.int64)
         h0, w0 = (int(v) for v in prepared.ori_shape)

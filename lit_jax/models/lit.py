@@ -126,6 +126,19 @@ class LITTi(nn.Module):
             grid = resize_bilinear(pos.reshape(1, g, g, c), (h, w))
         return x + grid.astype(x.dtype)
 
+    def frozen_parameters(self) -> tuple:
+        """Parameter names (prefixes under this module) that ``frozen_stages`` stops gradients to: the patch
+        embedding with ``pos_embed1`` and, for each frozen stage ``s``, its blocks and (``s >= 2``) its token merging
+        and position embedding. The optimizer leaves them untouched (weight decay included)."""
+        if self.frozen_stages < 0:
+            return ()
+        names = ["patch_embed1/", "pos_embed1"]
+        for s in range(1, min(self.frozen_stages, 4) + 1):
+            names.append(f"block{s}_")
+            if s >= 2:
+                names += [f"patch_embed{s}/", f"pos_embed{s}"]
+        return tuple(names)
+
     @nn.compact
     def __call__(self, images, train: bool = False):
         """images: ``(B, H, W, 3)`` -> list of 4 maps ``(B, H/4·2^-i, W/4·2^-i, embed_dims[i])`` (floor)."""
@@ -246,6 +259,14 @@ class LITS(nn.Module):
     dcn_impl: str = "padded"
     remat_policy: Optional[str] = None
     dtype: Dtype = jnp.float32
+
+    def frozen_parameters(self) -> tuple:
+        """Parameter names (prefixes under this module) that ``frozen_stages`` stops gradients to: the patch
+        embedding and, for each frozen stage ``s``, ``layers_{s-1}`` (its blocks and token merging). The
+        optimizer leaves them untouched (weight decay included)."""
+        if self.frozen_stages < 0:
+            return ()
+        return ("patch_embed/",) + tuple(f"layers_{s - 1}/" for s in range(1, min(self.frozen_stages, 4) + 1))
 
     @nn.compact
     def __call__(self, images, train: bool = False):

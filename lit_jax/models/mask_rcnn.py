@@ -146,6 +146,13 @@ class MaskRCNN:
     """
 
     with_masks = True
+    # Flax parameter paths whose shapes depend on num_classes (re-initialised when fine-tuning on other classes).
+    class_layers = ("roi_head/bbox_head/fc_cls", "roi_head/bbox_head/fc_reg", "roi_head/mask_head/conv_logits")
+
+    @staticmethod
+    def num_classes_in_state_dict(state_dict) -> int:
+        """The class count of an mmdet Mask R-CNN state_dict (``fc_cls`` has ``classes + 1`` outputs)."""
+        return int(state_dict["roi_head.bbox_head.fc_cls.bias"].shape[0]) - 1
 
     def __init__(self, module: MaskRCNNModule, cfg: MaskRCNNConfig = MaskRCNNConfig(),
                  anchors: AnchorConfig = rpn_anchor_config()):

@@ -40,7 +40,7 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
 
 # Model config keys understood by build_detector (ml_collections ConfigDict or a plain mapping).
 _DETECTOR_KEYS = {"type", "backbone", "backbone_args", "num_classes", "fpn_channels", "head", "train_test", "dtype",
-                  "pretrained"}
+                  "pretrained", "load_from"}
 
 
 def _as_dict(node: Any) -> dict:
@@ -58,7 +58,7 @@ def build_detector(config: Any):
       type: ``'retinanet'`` or ``'mask_rcnn'``.
       backbone: ``'lit_ti'`` | ``'lit_s'``; backbone_args: overrides for :func:`build_backbone`.
       num_classes (80), fpn_channels (256), dtype (``'float32'`` | ``'bfloat16'``).
-      pretrained: read by the trainer (converted ImageNet weights), not here.
+      pretrained / load_from: read by the trainer (converted ImageNet backbone / a whole detector), not here.
       head: RetinaHead fields (``feat_channels``, ``stacked_convs``); Mask R-CNN: ``fc_out_channels``,
         ``mask_conv_channels``.
       train_test: fields of :class:`lit_jax.models.retinanet.RetinaNetConfig` (assigner thresholds, focal

@@ -119,6 +119,12 @@ class RetinaNet:
     """
 
     with_masks = False
+    # Flax parameter paths whose shapes depend on num_classes (re-initialised when fine-tuning on other classes).
+    class_layers = ("bbox_head/retina_cls",)
+
+    def num_classes_in_state_dict(self, state_dict) -> int:
+        """The class count of an mmdet RetinaNet state_dict (``retina_cls`` has ``anchors * classes`` outputs)."""
+        return int(state_dict["bbox_head.retina_cls.bias"].shape[0]) // self.num_anchors
 
     def __init__(self, module: RetinaNetModule, cfg: RetinaNetConfig = RetinaNetConfig(),
                  anchors: AnchorConfig = retinanet_anchor_config()):

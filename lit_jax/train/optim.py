@@ -54,11 +54,34 @@ def decay_mask(params: Any, no_decay_keywords: Sequence[str]) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def build_optimizer(cfg: Mapping[str, Any], schedule: Callable) -> optax.GradientTransformation:
+def _slashed(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def frozen_labels(params: Any, prefixes: Sequence[str] = (), patterns: Sequence[str] = ()) -> Any:
+    """``'frozen'`` for a parameter whose ``/``-joined path (``backbone/patch_embed1/proj/kernel``) starts with one
+    of ``prefixes`` or matches one of the regular expressions ``patterns`` (``re.search``), else ``'train'``."""
+    import re
+
+    compiled = [re.compile(p) for p in patterns]
+
+    def label(path, _):
+        name = _slashed(path)
+        frozen = name.startswith(tuple(prefixes)) or any(c.search(name) for c in compiled)
+        return "frozen" if frozen else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def build_optimizer(cfg: Mapping[str, Any], schedule: Callable, frozen: Sequence[str] = ()
+                    ) -> optax.GradientTransformation:
     """AdamW (+ optional global-norm clipping) from the ``optimizer`` config section.
 
     Fields: ``name`` ('adamw'), ``lr`` (used by the schedule), ``weight_decay``, ``betas``, ``eps``,
-    ``no_decay_keywords`` (names exempt from decay), ``grad_clip`` (None: no clipping, as the original).
+    ``no_decay_keywords`` (names exempt from decay), ``grad_clip`` (None: no clipping, as the original),
+    ``frozen_params`` (regular expressions of parameter paths to keep fixed).
+    ``frozen``: parameter path prefixes to keep fixed (the backbone's frozen stages). Frozen parameters get a
+    zero update (no weight decay either) and no optimizer state; the clipping norm is over the others.
     """
     name = cfg.get("name", "adamw")
     if name != "adamw":
@@ -71,4 +94,8 @@ def build_optimizer(cfg: Mapping[str, Any], schedule: Callable) -> optax.Gradien
     clip = cfg.get("grad_clip", None)
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+    patterns = tuple(cfg.get("frozen_params", ()) or ())
+    if frozen or patterns:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: frozen_labels(params, frozen, patterns))
     return tx

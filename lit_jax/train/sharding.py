@@ -20,29 +20,56 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed() -> None:
-    """Calls ``jax.distributed.initialize()`` when launched as one of several processes.
+def detect_launcher(environ=None) -> str | None:
+    """The multi-process launcher this process was started by, from its environment, or None (one process).
 
-    Detected from the environment: SLURM (``SLURM_NTASKS`` > 1), or an explicit coordinator
-    (``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``). On CPU the collectives
-    need gloo, which is selected first. Single-process runs skip this.
+    ``'explicit'``: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID); ``'slurm'``: srun with
+    SLURM_NTASKS > 1; ``'openmpi'``: mpirun with OMPI_COMM_WORLD_SIZE > 1; ``'tpu_pod'``: a TPU slice of several
+    hosts (TPU_WORKER_HOSTNAMES lists more than one); ``'kubernetes'``: an indexed Job or JobSet pod
+    (JOB_COMPLETION_INDEX with KUBERNETES_SERVICE_HOST)."""
+    env = os.environ if environ is None else environ
+
+    def more_than_one(name: str) -> bool:
+        try:
+            return int(env.get(name, "1")) > 1
+        except ValueError:
+            return False
+
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "explicit"
+    if more_than_one("SLURM_NTASKS"):
+        return "slurm"
+    if more_than_one("OMPI_COMM_WORLD_SIZE"):
+        return "openmpi"
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "tpu_pod"
+    if env.get("JOB_COMPLETION_INDEX") is not None and env.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    return None
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls ``jax.distributed.initialize()`` when launched as one of several processes (:func:`detect_launcher`).
+
+    With an explicit coordinator its address, process count and id are passed; for SLURM, Open MPI, TPU pods
+    and Kubernetes, JAX's own cluster auto-detection fills them in. On CPU the collectives need gloo, which is
+    selected first. Single-process runs skip this.
     """
-    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if not (explicit or slurm):
+    launcher = detect_launcher()
+    if launcher is None:
         return
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if explicit:
+    if launcher == "explicit":
         jax.distributed.initialize(
-            coordinator_address=explicit,
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     else:
         jax.distributed.initialize()
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", launcher,
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def make_mesh() -> Mesh:

@@ -106,14 +106,26 @@ class Trainer:
             lr, steps_per_epoch=steps_per_epoch, milestones=tuple(sched.milestones), gamma=float(sched.gamma),
             warmup_iters=int(sched.warmup_iters), warmup_ratio=float(sched.warmup_ratio))
 
-    def init_state(self, tx: optax.GradientTransformation) -> TrainState:
+    def init_state(self, tx: optax.GradientTransformation, *, load_weights: bool = True) -> TrainState:
+        """The step-0 state: the detector's initialisation, then (``load_weights``) ``model.load_from`` (a whole
+        detector) or ``model.pretrained`` (a backbone). A run that resumes passes False: its checkpoint
+        replaces everything anyway."""
         cfg = self.config
         canvas = self.data_cfg.resolved_canvases()[0]
         key = jax.random.PRNGKey(int(cfg.train.seed))
         init_key, train_key = jax.random.split(key)
         variables = jax.jit(lambda k: self.detector.init(k, canvas))(init_key)
         params, stats = variables["params"], variables.get("batch_stats", {})
-        pretrained = cfg.model.get("pretrained", "")
+        pretrained = cfg.model.get("pretrained", "") if load_weights else ""
+        load_from = cfg.model.get("load_from", "") if load_weights else ""
+        if load_from:
+            from lit_jax.inference.detector import inference_model_section
+            from lit_jax.train.finetune import load_from as load_detector_from
+
+            fresh = {"params": params, "batch_stats": stats}
+            merged, _ = load_detector_from(load_from, self.detector, inference_model_section(cfg), fresh)
+            params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params, merged["params"])
+            stats = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), stats, merged.get("batch_stats", {}))
         if pretrained:
             loaded = load_pretrained_backbone(pretrained, self.detector.module.backbone)
             params = _replace_subtree(params, "backbone", loaded["params"], pretrained)
@@ -122,6 +134,11 @@ class Trainer:
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                            opt_state=tx.init(params), rng=jax.random.key_data(train_key))
         return jax.device_put(state, sharding.replicated(self.mesh))
+
+    def frozen_parameters(self) -> tuple:
+        """Parameter path prefixes the optimizer keeps fixed: the backbone's frozen stages."""
+        backbone = self.detector.module.backbone
+        return tuple(f"backbone/{p}" for p in backbone.frozen_parameters())
 
     # -- steps ---------------------------------------------------------------------------------------------
     def make_train_step(self, tx, schedule):
@@ -152,12 +169,12 @@ class Trainer:
         steps_per_epoch = data.steps_per_epoch
         total = int(cfg.train.get("max_steps", 0) or 0) or steps_per_epoch * int(cfg.schedule.epochs)
         schedule = self.learning_rate(steps_per_epoch)
-        tx = build_optimizer(cfg.optimizer.to_dict(), schedule)
+        tx = build_optimizer(cfg.optimizer.to_dict(), schedule, frozen=self.frozen_parameters())
         store = CheckpointStore(os.path.join(self.workdir, "checkpoints"),
                                 keep=int(cfg.train.keep_checkpoints), async_save=True)
-        state = self.init_state(tx)
-        ckpt_every = int(cfg.train.checkpoint_every_steps)
         resume = store.latest_step()
+        state = self.init_state(tx, load_weights=resume is None)
+        ckpt_every = int(cfg.train.checkpoint_every_steps)
         last_good = None  # the newest checkpoint known to be readable: the one restored, then each one saved
         iterator = DataIterator(data, self.mesh, os.path.join(self.workdir, "data_state"),
                                 prefetch=int(cfg.train.get("prefetch", 2)), start_step=resume or 0,
