@@ -69,7 +69,7 @@ def check_request(fmt: str, dtype: str, batch: int, out: str, overwrite: bool = 
 def export_detector(config: Union[str, Any], weights: str, format: str, out: str, *,  # noqa: A002
                     canvas: Optional[Union[str, Sequence[int]]] = None, batch: int = 1, dtype: str = "float32",
                     overrides: Sequence[str] = (), platforms: Optional[Sequence[str]] = None,
-                    overwrite: bool = False) -> ExportResult:
+                    overwrite: bool = False, config_name: Optional[str] = None) -> ExportResult:
     """Writes ``format`` (``'saved_model'`` | ``'stablehlo'``) of the detector ``config`` + ``weights`` into
     ``out``.
 
@@ -77,7 +77,8 @@ def export_detector(config: Union[str, Any], weights: str, format: str, out: str
     WeightsError). canvas: ``'HxW'`` or ``(H, W)``, multiples of 32; default the config's first training canvas
     (landscape). batch: images per call. dtype: the compute precision (``'bfloat16'`` runs the model in bf16;
     weights and outputs stay float32). platforms: lowering platforms (default: this machine's, e.g. ``('cpu',)``;
-    ``('cpu', 'cuda')`` gives one artefact for both). Raises ExportError (see :func:`check_request`)."""
+    ``('cpu', 'cuda')`` gives one artefact for both). config_name: what the metadata records as the config
+    (default: its path). Raises ExportError (see :func:`check_request`)."""
     import copy
 
     from lit_jax.config import load_config, split_overrides
@@ -92,7 +93,7 @@ def export_detector(config: Union[str, Any], weights: str, format: str, out: str
         _, parsed = split_overrides(list(overrides))
         config = load_config(config_name, parsed)
     else:
-        config_name = "<ConfigDict>"
+        config_name = config_name or "<ConfigDict>"
         config = copy.deepcopy(config)
     with config.unlocked():
         config.model.dtype = dtype

@@ -135,6 +135,21 @@ def reload(script, model_dir, x, tmp_path):
     return dict(np.load(out))
 
 
+def random_variables(model, seed=0):
+    """Random weights of the model's shapes, without running its (slow, op-by-op) init: params N(0, 0.1^2),
+    BatchNorm means 0 and variances 1."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda key: model.init(key, (64, 64)), jax.random.PRNGKey(0))
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", ""))
+        if path[0].key == "batch_stats":
+            return np.full(leaf.shape, 1.0 if name == "var" else 0.0, leaf.dtype)
+        return (0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 @pytest.fixture(scope="module", params=["retinanet", "mask_rcnn"])
 def tiny(request, tmp_path_factory):
     """(kind, config path, overrides, converted weights folder) of a tiny synthetic detector, random weights."""
@@ -144,7 +159,7 @@ def tiny(request, tmp_path_factory):
     config = os.path.join(ROOT, "configs", SYNTH[kind])
     _, parsed = split_overrides(overrides)
     model = build_detector(inference_model_section(load_config(config, parsed)))
-    variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0), CANVAS))
+    variables = random_variables(model)
     names = ["circle", "square", "triangle", "star", "ring", "cross"]
     weights = save_variables(str(tmp / "weights"), variables, {"class_names": names, "category_ids": list(range(1, 7))})
     return kind, config, overrides, weights, tmp
@@ -172,3 +187,76 @@ def test_saved_model_and_stablehlo_reload_without_lit_jax_and_match(tiny, tmp_pa
     meta = json.load(open(os.path.join(hlo, "lit_jax_export.json")))
     assert meta["canvas"] == [96, 128] and meta["class_names"] == det.class_names
     assert [i["name"] for i in meta["inputs"]] == ["images", "img_shape", "scale_factor"]
+
+
+def run_cli(args, expect):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py")] + args, capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == expect, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
+
+
+def errors(run):
+    return [line for line in run.stderr.splitlines() if line.startswith("error")]
+
+
+@pytest.mark.parametrize("tiny", ["retinanet"], indirect=True)
+def test_cli_exports_and_names_bad_requests(tiny, tmp_path):
+    kind, config, overrides, weights, _ = tiny
+    base = ["--config", config, "--weights", weights] + overrides
+    out = str(tmp_path / "out")
+    for extra, message in [
+        (["--format", "onnx"], "error: format 'onnx' is unknown; known: saved_model, stablehlo"),
+        (["--format", "stablehlo", "--canvas", "100x128"],
+         "error: canvas 100x128 (HxW): both sides must be positive multiples of 32"),
+        (["--format", "stablehlo", "--canvas", "96"], "error: canvas '96' is not HxW"),
+        (["--format", "stablehlo", "--dtype", "float16"], "error: dtype 'float16' is unknown"),
+    ]:
+        err = errors(run_cli(base + ["--out", out] + extra, expect=2))
+        assert len(err) == 1 and err[0].startswith(message), err
+    # weights of another width: every mis-shaped variable named, one line
+    err = errors(run_cli(base + ["--config.model.fpn_channels=32", "--format", "stablehlo", "--out", out], expect=2))
+    assert len(err) == 1 and err[0].startswith(f"error: {weights} does not fit the configured detector; wrong shape")
+    assert "params/neck/fpn_convs_0/conv/bias: weights (16,) vs model (32,)" in err[0]
+    assert not os.path.exists(out) or not os.listdir(out)
+
+    run = run_cli(base + ["--format", "stablehlo", "--out", out, "--canvas", "64x96"], expect=0)
+    assert "wrote stablehlo of retinanet (float32, batch 1, canvas 64x96)" in run.stdout
+    assert json.load(open(os.path.join(out, "lit_jax_export.json")))["config"] == config
+    err = errors(run_cli(base + ["--format", "stablehlo", "--out", out], expect=2))
+    assert len(err) == 1 and err[0].startswith(f"error: out {out} is not empty"), err
+
+
+@pytest.mark.parametrize("tiny", ["retinanet"], indirect=True)
+def test_bfloat16_stablehlo_runs_close_to_lit_jax_in_bfloat16(tiny, tmp_path):
+    """bf16 against lit_jax's own bf16 model (the same graph, compiled separately): labels equal, boxes within
+    BF16_TOL (float32 is held to 1e-3 px / 1e-4)."""
+    kind, config, overrides, weights, _ = tiny
+    det, x, want = bf16_reference(config, weights, overrides)
+    hlo = str(tmp_path / "stablehlo")
+    export_detector(config, weights, "stablehlo", hlo, canvas=CANVAS, batch=2, dtype="bfloat16", overrides=overrides)
+    exp = jax.export.deserialize(open(os.path.join(hlo, "model.jax_export"), "rb").read())
+    got = exp.call(dict(np.load(os.path.join(hlo, "weights.npz"))), x["images"], x["img_shape"], x["scale_factor"])
+    assert_same({k: np.asarray(v) for k, v in got.items()}, want, **BF16_TOL)
+
+
+@pytest.mark.parametrize("tiny", ["retinanet"], indirect=True)
+def test_bfloat16_saved_model_runs_close_to_lit_jax_in_bfloat16(tiny, tmp_path):
+    import tensorflow as tf
+
+    kind, config, overrides, weights, _ = tiny
+    det, x, want = bf16_reference(config, weights, overrides)
+    saved = str(tmp_path / "saved_model")
+    export_detector(config, weights, "saved_model", saved, canvas=CANVAS, batch=2, dtype="bfloat16",
+                    overrides=overrides)
+    got = tf.saved_model.load(saved).signatures["serving_default"](**{k: tf.constant(v) for k, v in x.items()})
+    assert_same({k: v.numpy() for k, v in got.items()}, want, **BF16_TOL)
+
+
+BF16_TOL = dict(box_tol=0.05, score_tol=1e-3)
+
+
+def bf16_reference(config, weights, overrides):
+    det = load_detector(config, weights, overrides=overrides + ["--config.model.dtype=bfloat16"])
+    x, ref_images = inputs(det, CANVAS)
+    return det, x, lit_jax_outputs(det, x, ref_images)
