@@ -87,11 +87,12 @@ def images():
     return out
 
 
-def inputs(det, canvas, junk=True):
+def inputs(det, canvas, junk=True, rgbs=None):
     """Exported-model inputs (uint8 on the canvas; the padding filled with junk that the graph must ignore)
     and lit_jax's own normalised, zero-padded images."""
-    u8 = [prepare_image_uint8(img, det.img_scale, canvas) for img in images()]
-    ref = [prepare_image(img, det.img_scale, mean=det.mean, std=det.std, canvas=canvas) for img in images()]
+    rgbs = images() if rgbs is None else rgbs
+    u8 = [prepare_image_uint8(img, det.img_scale, canvas) for img in rgbs]
+    ref = [prepare_image(img, det.img_scale, mean=det.mean, std=det.std, canvas=canvas) for img in rgbs]
     batch = np.stack([p.image for p in u8])
     if junk:
         noise = np.random.default_rng(5).integers(0, 256, batch.shape, dtype=np.uint8)
@@ -260,3 +261,28 @@ def bf16_reference(config, weights, overrides):
     det = load_detector(config, weights, overrides=overrides + ["--config.model.dtype=bfloat16"])
     x, ref_images = inputs(det, CANVAS)
     return det, x, lit_jax_outputs(det, x, ref_images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["retinanet_lit_ti", "mask_rcnn_lit_ti"])
+def test_released_layout_checkpoint_exports_match(kind, tmp_path):
+    """A reference-saved released-layout .pth (full LIT-Ti, COCO classes) on a 256x352 canvas, both formats."""
+    import skimage.data
+
+    from third_party.lit_torch.save_detector import save_random_detector
+
+    pth = str(tmp_path / f"{kind}.pth")
+    save_random_detector(kind, pth, seed=3, cls_bias_shift=3.0)
+    config = os.path.join(ROOT, "configs", f"{kind}_fpn_1x_coco.py")
+    small = ["--config.data.img_scale=(352, 256)"]  # chelsea (300x451) -> 234x352 on the 256x352 canvas
+    det = load_detector(config, pth, overrides=small)
+    x, ref_images = inputs(det, (256, 352), rgbs=[skimage.data.chelsea()])
+    want = lit_jax_outputs(det, x, ref_images)
+    saved, hlo = str(tmp_path / "saved_model"), str(tmp_path / "stablehlo")
+    export_detector(config, pth, "saved_model", saved, canvas="256x352", overrides=small)
+    got = reload(TF_RELOAD, saved, x, tmp_path)
+    assert len(got.pop("class_names")) == 80
+    got.pop("load_s")
+    assert_same(got, want)
+    export_detector(config, pth, "stablehlo", hlo, canvas="256x352", overrides=small)
+    assert_same(reload(JAX_RELOAD, hlo, x, tmp_path), want)
