@@ -117,8 +117,8 @@ class PreparedImage:
 
     image: float32 ``(Hp, Wp, 3)`` normalised, zero-padded bottom/right (:func:`prepare_image`), or the resized
     uint8 RGB image zero-padded the same way (:func:`prepare_image_uint8`, the exported models' input);
-    img_shape ``(2,)`` int32 (h, w) after the resize; scale_factor ``(4,)`` float32 ``(w_s, h_s, w_s, h_s)``; ori_shape ``(2,)`` int32 (h, w) of the
-    original (decoded) image."""
+    img_shape ``(2,)`` int32 (h, w) after the resize; scale_factor ``(4,)`` float32 ``(w_s, h_s, w_s, h_s)``;
+    ori_shape ``(2,)`` int32 (h, w) of the original (decoded) image."""
     image: np.ndarray
     img_shape: np.ndarray
     scale_factor: np.ndarray
