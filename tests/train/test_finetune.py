@@ -171,3 +171,21 @@ def test_new_keys_only_in_free_form_sections():
     config = load_config(path, [("model.backbone_args.frozen_stage", "1")])
     with pytest.raises(ValueError, match="frozen_stage"):
         build_detector(config)
+
+
+@pytest.mark.parametrize("env,want", [
+    ({}, None),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "4"}, "slurm"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "openmpi"),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2"}, "tpu_pod"),
+    ({"TPU_WORKER_HOSTNAMES": "t1"}, None),
+    ({"JOB_COMPLETION_INDEX": "0", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}, "kubernetes"),
+    ({"JOB_COMPLETION_INDEX": "0"}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234", "SLURM_NTASKS": "4"}, "explicit"),
+])
+def test_multi_process_launchers_are_recognised(env, want):
+    from lit_jax.train.sharding import detect_launcher
+
+    assert detect_launcher(env) == want
