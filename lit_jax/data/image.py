@@ -116,7 +116,7 @@ class PreparedImage:
     """One image ready for ``detector.predict``.
 
     image: float32 ``(Hp, Wp, 3)`` normalised, zero-padded bottom/right (:func:`prepare_image`), or the resized
-    uint8 RGB image zero-padded the same way (:func:`prepare_image_uint8`, the exported models' input);
+    uint8 RGB image zero-padded the same way (``prepare_image(..., normalize=False)``, the exported models' input);
     img_shape ``(2,)`` int32 (h, w) after the resize; scale_factor ``(4,)`` float32 ``(w_s, h_s, w_s, h_s)``;
     ori_shape ``(2,)`` int32 (h, w) of the original (decoded) image."""
     image: np.ndarray
@@ -132,9 +132,11 @@ def scale_factor_np(h: int, w: int, new_h: int, new_w: int) -> np.ndarray:
 
 
 def prepare_image(rgb: np.ndarray, img_scale: Sequence[int], *, mean=MEAN_RGB, std=STD_RGB,
-                  size_divisor: int = 32, canvas: Optional[tuple[int, int]] = None) -> PreparedImage:
+                  size_divisor: int = 32, canvas: Optional[tuple[int, int]] = None,
+                  normalize: bool = True) -> PreparedImage:
     """mmdet's test pipeline on an RGB uint8 ``(H, W, 3)`` image: keep-ratio resize to ``img_scale``, normalise,
-    zero-pad to a multiple of ``size_divisor`` (``canvas`` None) or to ``canvas`` ``(H, W)``.
+    zero-pad to a multiple of ``size_divisor`` (``canvas`` None) or to ``canvas`` ``(H, W)``. ``normalize=False``
+    keeps the resized image uint8 (the input of the exported models, which normalise inside).
 
     Raises ValueError when the array is not ``(H, W, 3)`` uint8 or the resized image does not fit ``canvas``."""
     rgb = np.asarray(rgb)
@@ -146,27 +148,7 @@ def prepare_image(rgb: np.ndarray, img_scale: Sequence[int], *, mean=MEAN_RGB, s
     ph, pw = canvas if canvas is not None else (ceil_to(new_h, size_divisor), ceil_to(new_w, size_divisor))
     if new_h > ph or new_w > pw:
         raise ValueError(f"image {w}x{h} resized to {new_w}x{new_h} does not fit the canvas {pw}x{ph} (WxH)")
-    padded = np.zeros((ph, pw, 3), np.float32)
-    padded[:new_h, :new_w] = normalize_np(resized, mean, std)
-    return PreparedImage(padded, np.asarray([new_h, new_w], np.int32), scale_factor_np(h, w, new_h, new_w),
-                         np.asarray([h, w], np.int32))
-
-
-def prepare_image_uint8(rgb: np.ndarray, img_scale: Sequence[int], canvas: tuple[int, int]) -> PreparedImage:
-    """:func:`prepare_image` without the normalisation: the keep-ratio resized uint8 RGB image at the top-left
-    of a zero ``canvas`` ``(H, W)`` (the input of the exported models, which normalise inside).
-
-    Raises ValueError as :func:`prepare_image`."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 1:
-        raise ValueError(f"an image must be an (H, W, 3) uint8 RGB array, got {rgb.dtype} {rgb.shape}")
-    h, w = rgb.shape[:2]
-    resized = resize_keep_ratio(rgb, img_scale)
-    new_h, new_w = resized.shape[:2]
-    ph, pw = canvas
-    if new_h > ph or new_w > pw:
-        raise ValueError(f"image {w}x{h} resized to {new_w}x{new_h} does not fit the canvas {pw}x{ph} (WxH)")
-    padded = np.zeros((ph, pw, 3), np.uint8)
-    padded[:new_h, :new_w] = resized
+    padded = np.zeros((ph, pw, 3), np.float32 if normalize else np.uint8)
+    padded[:new_h, :new_w] = normalize_np(resized, mean, std) if normalize else resized
     return PreparedImage(padded, np.asarray([new_h, new_w], np.int32), scale_factor_np(h, w, new_h, new_w),
                          np.asarray([h, w], np.int32))

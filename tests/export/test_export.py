@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lit_jax.config import load_config, split_overrides
 from lit_jax.convert.store import save_variables
-from lit_jax.data.image import prepare_image, prepare_image_uint8
+from lit_jax.data.image import prepare_image
 from lit_jax.export import ExportError, export_detector
 from lit_jax.inference import load_detector
 from lit_jax.inference.detector import inference_model_section
@@ -91,7 +91,7 @@ def inputs(det, canvas, junk=True, rgbs=None):
     """Exported-model inputs (uint8 on the canvas; the padding filled with junk that the graph must ignore)
     and lit_jax's own normalised, zero-padded images."""
     rgbs = images() if rgbs is None else rgbs
-    u8 = [prepare_image_uint8(img, det.img_scale, canvas) for img in rgbs]
+    u8 = [prepare_image(img, det.img_scale, canvas=canvas, normalize=False) for img in rgbs]
     ref = [prepare_image(img, det.img_scale, mean=det.mean, std=det.std, canvas=canvas) for img in rgbs]
     batch = np.stack([p.image for p in u8])
     if junk:
