@@ -306,8 +306,9 @@ class Trainer:
         # Masks are pasted and RLE-encoded where the detections are at hand: per image on each process, or
         # (bucket mode, where every process holds the gathered batch) on process 0 only.
         encode_here = mode == "per_image" or self.is_main
-        collected = []
+        collected, shapes, images, start = [], set(), 0, time.perf_counter()
         for batch in batches:
+            shapes.add(tuple(batch["images"].shape))  # one compilation of predict per distinct shape
             out = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
             c = {"image_id": gather(batch["image_id"]), "valid": gather(batch["valid"]) if "valid" in batch else None,
                  "boxes": gather(out.boxes), "scores": gather(out.scores), "labels": gather(out.labels),
@@ -316,6 +317,11 @@ class Trainer:
                 c["masks"] = self._encode_masks(gather(out.mask_probs), gather(out.mask_boxes),
                                                 gather(out.mask_valid), c["det_valid"], gather(batch["ori_shape"]))
             collected.append(c)
+            images += int(np.sum(c["valid"])) if c["valid"] is not None else len(c["image_id"])
+        seconds = time.perf_counter() - start
+        speed = {"eval_images_per_s": images / max(seconds, 1e-9), "eval_compiled_shapes": float(len(shapes))}
+        log.info("evaluated %d images (%s mode) in %.1f s: %.2f images/s, %d compiled shapes", images, mode, seconds,
+                 speed["eval_images_per_s"], len(shapes))
         if mode == "per_image" and jax.process_count() > 1:
             collected = _allgather_pickled(collected)
         if not self.is_main:
@@ -337,7 +343,9 @@ class Trainer:
         if evaluator is None:
             return {}
         evaluator.extend(results)
-        return evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",), classwise=classwise)
+        stats = evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",), classwise=classwise)
+        stats.update(speed)
+        return stats
 
     def _encode_masks(self, mask_probs, mask_boxes, mask_valid, det_valid, ori_shape) -> list:
         """Per image of a batch: the RLEs of its valid detections' masks, pasted at the original size."""
