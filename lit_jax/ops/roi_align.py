@@ -19,6 +19,8 @@ mmcv rules reproduced (``roi_align_forward_cuda_kernel``, ``pool_mode=1``; parit
   (inverted / empty aligned roi) gives 0;
 * the batch index is truncated to int (``int roi_batch_ind = rois[n, 0]``); we also clip it to ``[0, B - 1]``.
 * No gradient flows to ``rois`` (mmcv's backward returns None for them; mmdet detaches proposals anyway).
+* Every division is a true IEEE division (:func:`_div`): XLA would otherwise multiply by the reciprocal, and
+  ``ceil(42 * (1 / 14)) = 4`` is not mmcv's ``ceil(42 / 14) = 3`` (issue 12 item 7).
 
 Static shapes, the masked max-grid
 -----------------------------------
@@ -114,6 +116,18 @@ def _multilevel_default_max_samples(level_hw: Sequence[Tuple[int, int]], output_
     return max(gh, 1), max(gw, 1)
 
 
+def _div(a, b):
+    """IEEE ``a / b`` as mmcv computes it: ``b`` is broadcast to ``a``'s shape behind an optimization barrier.
+
+    XLA's algebraic simplifier rewrites ``x / broadcast(d)`` (a constant, or one value per roi spread over the
+    sample grid) into ``x * broadcast(1 / d)``, which is off by up to an ulp: ``42 / 14`` becomes ``3.0000002``,
+    and the ``ceil`` of the adaptive grid then jumps from 3 to 4 samples. A full-shape divisor it cannot see
+    through keeps the true division (cheap here: every divisor is per roi or per sample axis, never per channel).
+    """
+    a = jnp.asarray(a)
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
 def map_roi_levels(rois, num_levels: int = 4, finest_scale: float = 56.0) -> jnp.ndarray:
     """mmdet 2.11 ``SingleRoIExtractor.map_roi_levels``: ``(R, 5)`` rois -> ``(R,)`` int32 level.
 
@@ -124,7 +138,7 @@ def map_roi_levels(rois, num_levels: int = 4, finest_scale: float = 56.0) -> jnp
     """
     rois = jnp.asarray(rois, jnp.float32)
     scale = jnp.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    lvl = jnp.floor(jnp.log2(scale / jnp.float32(finest_scale) + jnp.float32(1e-6)))
+    lvl = jnp.floor(jnp.log2(_div(scale, jnp.float32(finest_scale)) + jnp.float32(1e-6)))
     lvl = jnp.clip(lvl, 0.0, float(num_levels - 1))
     nan = jnp.isnan(lvl)
     return jnp.where(nan, -1, jnp.where(nan, 0.0, lvl).astype(jnp.int32))
@@ -145,7 +159,7 @@ def _axis_samples(start, bin_size, grid, size, n_out: int, g_max: int):
     b = bin_size[:, None, None]
     gf = jnp.maximum(grid, 1).astype(jnp.float32)[:, None, None]
     # mmcv: roi_start + p * bin_size + (k + .5f) * bin_size / grid, evaluated left to right.
-    pos = (s + p * b) + ((k + jnp.float32(0.5)) * b) / gf
+    pos = (s + p * b) + _div((k + jnp.float32(0.5)) * b, gf)
     sizef = size.astype(jnp.float32)[:, None, None]
     size_i = size[:, None, None]
     used = k < grid.astype(jnp.float32)[:, None, None]
@@ -255,8 +269,8 @@ def _roi_geometry(rois, scale, out_hw: Tuple[int, int], aligned: bool):
     if not aligned:
         roi_w = jnp.maximum(roi_w, 1.0)
         roi_h = jnp.maximum(roi_h, 1.0)
-    bin_h = roi_h / jnp.float32(out_hw[0])
-    bin_w = roi_w / jnp.float32(out_hw[1])
+    bin_h = _div(roi_h, jnp.float32(out_hw[0]))  # exact division: ceil(bin) is the adaptive grid
+    bin_w = _div(roi_w, jnp.float32(out_hw[1]))
     return (start_h, start_w), (bin_h, bin_w)
 
 
