@@ -704,7 +704,8 @@ def measure_image(args, config, base: dict) -> list[dict]:
     share_total = sum(statistics.median(v) for v in stage_times.values())
     breakdown = {k: {"median_s": statistics.median(v), "share": statistics.median(v) / share_total}
                  for k, v in stage_times.items()}
-    what = "end to end: image file -> preprocess -> jit(predict) -> mask paste -> host"
+    paste = " -> mask paste" if "masks" in first else ""
+    what = f"end to end: image file -> preprocess -> jit(predict){paste} -> host"
     extra = dict(first_call_s=first_s, compiled_functions_first_call=compiles_first,
                  compilations_during_rounds=counter.count, stages=breakdown, stages_sum_s=share_total,
                  detections=int(first["valid"].sum()))
