@@ -35,6 +35,34 @@ def test_blocker_works(tmp_path):
     assert r.returncode != 0 and "blocked for this test" in r.stderr
 
 
+TRACE = """
+import sys
+sys.argv = ["benchmark.py"]
+import importlib.util, jax, numpy as np
+spec = importlib.util.spec_from_file_location("b", {script!r})
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+args, config = b.parse_args(["--config", {config!r}, "--mode", "infer", "--size", "64x96",
+                             "--config.model.backbone_args.depths=(1, 1, 1, 1)"])
+from lit_jax.models.registry import build_detector
+det = build_detector(config.model)
+variables = jax.eval_shape(lambda k: det.init(k, (64, 96)), jax.random.PRNGKey(0))
+setup = b.setup_infer(config, np.zeros((1, 64, 96, 3), np.float32), variables)
+out = jax.eval_shape(setup.build(config), *setup.args)
+assert "ml_collections" in sys.modules and sys.modules["ml_collections"].__lit_jax_standin__
+print("traced", type(out).__name__)
+"""
+
+
+def test_infer_traces_without_tf_mlc_pycocotools(tmp_path):
+    """Cheap (no XLA compilation): the harness, the config and the whole predict trace without the four."""
+    code = TRACE.format(script=os.path.join(ROOT, "scripts", "benchmark.py"),
+                        config=os.path.join(ROOT, "configs", "synthetic_mask_rcnn_lit_ti.py"))
+    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, ALL), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "traced" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.slow  # ~30-45 s: compiles predict
 def test_infer_runs_without_tf_mlc_pycocotools(tmp_path):
     out = tmp_path / "r.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--config",
