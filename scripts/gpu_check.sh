@@ -40,7 +40,7 @@ run() {  # run NAME ARGS... -> 0 on success
   if [ "$SECONDS" -ge "$BUDGET" ]; then echo "SKIP $name (budget ${BUDGET}s spent)"; return 2; fi
   echo "== $name (t=${SECONDS}s)"
   timeout "$RUN_S" "$PY" scripts/benchmark.py --steps "$STEPS" --warmup 1 --dtype "$DTYPE" --size "$SIZE" \
-    --peak-flops "$PEAK" --out "$RESULTS" "$@" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
+    --peak-flops "$PEAK" --out "$RESULTS" "$@" ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/$name.log" 2>&1
   local rc=$?
   grep -E "^(jax|torch) |error" "$OUT/$name.log" | sed 's/^/   /'
   if [ $rc -ne 0 ]; then
