@@ -10,6 +10,12 @@ against the PyTorch reference in the same process.
 Modes (the config's ``model`` section builds the model; random weights, synthetic inputs):
   backbone  the backbone forward in eval mode (``train=False``); outputs: the 4 stage maps.
   infer     the jitted ``detector.predict(variables, images, {'img_shape', 'scale_factor'})``.
+  infer --image PATH  the whole user path on a real image at the config's test scale (``data.img_scale``):
+            preprocessing as scripts/predict.py, ``jit(predict)``, the mask paste at the original size, results
+            on the host; plus the same computation as separately jitted stages (preprocessing, backbone, FPN,
+            dense head / RPN + proposals, RoI box head, NMS, RoI mask head, paste; ``lit_jax.benchmarking``) for a
+            per-stage breakdown, and the number of XLA compilations (first call, and during the timed rounds:
+            0 means no recompilation). Rounds alternate end to end / stages (/ torch forward).
   train     the jitted train step of ``lit_jax.train.trainer`` (``Trainer.init_state`` /
             ``make_train_step``: AdamW, donated state) on a synthetic batch (boxes; 56x56 mask crops for Mask R-CNN).
 
@@ -55,6 +61,12 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The synthetic modes need none of tensorflow, tensorflow_datasets, pycocotools (imported only by the data
+# pipeline and evaluation) nor ml_collections: a minimal ConfigDict stands in where it is missing (GPU image).
+from lit_jax.configdict import install_if_missing  # noqa: E402
+
+install_if_missing()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("workdir", "benchmarks", "results.jsonl")
 MODES = ("backbone", "infer", "train")
@@ -83,6 +95,12 @@ def parse_args(argv=None):
                    help="restrict the process to its first N allowed cores before JAX and torch start (their thread "
                         "pools follow); default: all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="the device's peak FLOP/s for the dtype (e.g. 989e12: H200 dense bf16); records MFU = "
+                        "achieved FLOP/s / this")
+    p.add_argument("--image", default=None,
+                   help="infer mode: time the whole user path on this image file (decode, resize, normalise, pad, "
+                        "predict, mask paste, results on the host) with a per-stage breakdown")
     args, config = cli.parse(p, argv, prepare=_add_perf_switches)
     if args.dtype:
         config.model.dtype = args.dtype
@@ -510,6 +528,8 @@ def record(base: dict, framework: str, what: str, timing: dict, images_per_step:
     flops = rec.get("flops_per_image")
     if flops:
         rec["achieved_flops_per_s"] = flops * images_per_step / stats["median"]
+        if base.get("peak_flops"):
+            rec["mfu"] = rec["achieved_flops_per_s"] / base["peak_flops"]
     return rec
 
 
@@ -532,6 +552,8 @@ def describe(rec: dict) -> str:
         line += f", compile {rec['compile_s']:.1f} s"
     if rec.get("flops_per_image"):
         line += f", {rec['flops_per_image'] / 1e9:,.1f} GFLOP/image, {rec['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s"
+        if rec.get("mfu") is not None:
+            line += f", MFU {100 * rec['mfu']:.1f}%"
     if "peak_memory_bytes" in rec:
         line += f", peak {_fmt_bytes(rec['peak_memory_bytes'])} ({rec['peak_memory_source'].split(':')[0]})"
     return line
@@ -545,7 +567,8 @@ def measure(args, config) -> list[dict]:
     import jax
     import numpy as np
 
-    hw = parse_size(args.size, config)
+    # --image: the canvas comes from the image and data.img_scale (measure_image).
+    hw = parse_size(args.size, config) if not args.image else (0, 0)
     mode = args.mode
     batch = args.batch or (int(config.data.global_batch_size) if mode == "train" else 1)
     rng = np.random.default_rng(args.seed)
@@ -561,12 +584,20 @@ def measure(args, config) -> list[dict]:
                 overrides=args.overrides, mode=mode, model=config.model.get("type", "retinanet"),
                 backbone=config.model.backbone, backbone_args=_jsonable(config.model.backbone_args.to_dict()),
                 size=list(hw), batch=batch, dtype=config.model.get("dtype", "float32"), steps=args.steps,
-                warmup=args.warmup)
-    print(f"{base['config']} mode={mode} size={hw[0]}x{hw[1]} batch={batch} dtype={base['dtype']} on "
+                warmup=args.warmup, peak_flops=args.peak_flops)
+    size_text = f"{hw[0]}x{hw[1]}" if not args.image else "from the image"
+    print(f"{base['config']} mode={mode} size={size_text} batch={batch} dtype={base['dtype']} on "
           f"{base['device_kind']} ({base['cpu_cores']} cores, jax {base['jax']}, load {base['loadavg_1m']})",
           flush=True)
 
     comparison = None
+    if args.image:
+        if mode != "infer":
+            raise SystemExit("error: --image is for --mode infer")
+        records = measure_image(args, config, base)
+        append_jsonl(args.out, records)
+        print(f"appended {len(records)} record(s) to {args.out}")
+        return records
     with tempfile.TemporaryDirectory(prefix="lit_jax_bench_") as tmp:
         images = synthetic_images(rng, batch, hw)
         if args.compare_torch:
@@ -602,6 +633,96 @@ def measure(args, config) -> list[dict]:
     append_jsonl(args.out, records)
     print(f"appended {len(records)} record(s) to {args.out}")
     return records
+
+
+def measure_image(args, config, base: dict) -> list[dict]:
+    """``--mode infer --image``: end to end vs the staged breakdown (vs the torch forward), alternating rounds."""
+    import jax
+    import numpy as np
+
+    from lit_jax.benchmarking import CompileCounter, preprocess_bytes, staged_inference
+    from lit_jax.models.registry import build_detector
+
+    with open(args.image, "rb") as f:
+        data = f.read()
+    img_scale = tuple(int(v) for v in config.data.img_scale)
+    images, img_shape, scale_factor, ori = preprocess_bytes(data, img_scale, name=args.image)
+    base = dict(base, image=os.path.abspath(args.image), ori_shape=list(ori), size=list(images.shape[1:3]), batch=1)
+    print(f"image {args.image} {ori[0]}x{ori[1]} -> canvas {images.shape[1]}x{images.shape[2]}", flush=True)
+    det = build_detector(config.model)
+    counter = CompileCounter()
+    with tempfile.TemporaryDirectory(prefix="lit_jax_bench_") as tmp:
+        comparison = torch_reference(config, "infer", images, tmp) if args.compare_torch else None
+        if comparison is not None:
+            variables = comparison.variables
+        else:
+            variables = jax.jit(lambda k: det.init(k, (128, 128)))(jax.random.PRNGKey(args.seed))
+        predict = jax.jit(det.predict)
+
+        def end_to_end():
+            imgs, shape, sf, ori_hw = preprocess_bytes(data, img_scale, name=args.image)
+            out = predict(variables, imgs, {"img_shape": shape, "scale_factor": sf})
+            out = out._asdict() if hasattr(out, "_asdict") else dict(out)
+            host = {k: np.asarray(out[k][0]) for k in ("boxes", "scores", "labels", "valid")}
+            if "mask_probs" in out:
+                host["masks"] = det.paste(out["mask_probs"][0], out["mask_boxes"][0], ori_hw, out["mask_valid"][0])
+            return host
+
+        staged = staged_inference(det)
+        stage_times: dict[str, list[float]] = {}
+
+        def stages():
+            t0 = time.perf_counter()
+            imgs, shape, sf, ori_hw = preprocess_bytes(data, img_scale, name=args.image)
+            pre = time.perf_counter() - t0
+            host, times = staged.run(variables, imgs, shape, sf, ori_hw)
+            for name, t in [("preprocessing", pre)] + list(times.items()):
+                stage_times.setdefault(name, []).append(t)
+            return host
+
+        with counter:
+            t0 = time.perf_counter()
+            first = end_to_end()
+            first_s = time.perf_counter() - t0
+        compiles_first = counter.count
+        staged_first = stages()
+        stage_times.clear()
+        for k in ("boxes", "scores", "valid"):  # the stages compute what predict computes
+            if not np.allclose(first[k], staged_first[k], rtol=1e-4, atol=1e-3):
+                print(f"warning: staged {k} differ from predict's", file=sys.stderr)
+        runners = {"jax": end_to_end, "stages": stages}
+        if comparison is not None:
+            import torch
+
+            def torch_step():
+                with torch.no_grad():
+                    comparison.torch_fn()
+            runners["torch"] = torch_step
+        counter.count = 0
+        with counter:
+            timing = run_rounds(runners, args.steps, args.warmup)
+    share_total = sum(statistics.median(v) for v in stage_times.values())
+    breakdown = {k: {"median_s": statistics.median(v), "share": statistics.median(v) / share_total}
+                 for k, v in stage_times.items()}
+    paste = " -> mask paste" if "masks" in first else ""
+    what = f"end to end: image file -> preprocess -> jit(predict){paste} -> host"
+    extra = dict(first_call_s=first_s, compiled_functions_first_call=compiles_first,
+                 compilations_during_rounds=counter.count, stages=breakdown, stages_sum_s=share_total,
+                 detections=int(first["valid"].sum()))
+    recs = [record(base, "jax", what, timing["jax"], 1, **extra)]
+    print(describe(recs[-1]), flush=True)
+    print(f"first call {first_s:.1f} s, {compiles_first} compiled functions; {counter.count} compilations during "
+          f"the timed rounds", flush=True)
+    print(f"stages (separately jitted, medians; sum {share_total:.3f} s):", flush=True)
+    for k, v in breakdown.items():
+        print(f"  {k:18s} {v['median_s'] * 1e3:9.1f} ms  {100 * v['share']:5.1f}%", flush=True)
+    if comparison is not None:
+        ratio = summarize(timing["torch"]["step_s"])["median"] / recs[0]["step_s"]["median"]
+        recs[0]["torch_forward_over_jax_end_to_end"] = ratio
+        recs.append(record(base, "torch", comparison.what, timing["torch"], 1))
+        print(describe(recs[-1]), flush=True)
+        print(f"torch network forward / jax end to end (median): {ratio:.2f}x", flush=True)
+    return recs
 
 
 def compare(cmp: TorchComparison, config, hw, base: dict, args, setup: Setup, main=None) -> list[dict]:

@@ -19,6 +19,8 @@ mmcv rules reproduced (``roi_align_forward_cuda_kernel``, ``pool_mode=1``; parit
   (inverted / empty aligned roi) gives 0;
 * the batch index is truncated to int (``int roi_batch_ind = rois[n, 0]``); we also clip it to ``[0, B - 1]``.
 * No gradient flows to ``rois`` (mmcv's backward returns None for them; mmdet detaches proposals anyway).
+* Every division is a true IEEE division (:func:`_div`): XLA would otherwise multiply by the reciprocal, and
+  ``ceil(42 * (1 / 14)) = 4`` is not mmcv's ``ceil(42 / 14) = 3`` (issue 12 item 7).
 
 Static shapes, the masked max-grid
 -----------------------------------
@@ -41,15 +43,17 @@ explicitly for other trade-offs (cost is linear in ``Gh * Gw``).
 
 Implementation: gathers in a loop over the sample grid, not a dense one-hot einsum
 -----------------------------------------------------------------------------------
-All levels (one for :func:`roi_align`) are flattened into one ``(B * sum_l H_l W_l, C)`` table. A ``fori_loop``
-over the ``Gh * Gw`` grid positions gathers, per step, the 4 corner ``C``-vectors of that sample in every bin of
-every roi (``(R, oh, ow, 4, C)``, one ``jnp.take``) and accumulates their weighted sum; steps past the largest
-adaptive grid present in the batch are skipped with ``lax.cond``. Cost: ``4 * R * oh * ow * C`` reads per executed
-step (R=1000, 7x7, C=256: 50 M floats, 200 MB), mostly cache hits since neighbouring samples share pixels; peak
-memory is one step (measured with XLA:CPU for R=1000, 7x7, G=8, C=256, 800x1344 P2-P5, B=2: 385 MB temp forward,
-668 MB for the gradient, including the 183 MB level table). The backward is the transpose, one scatter-add per step
-(mmcv's CUDA backward does the same atomicAdds). The per-axis weights are built separably (``wy * wx``, equal to
-mmcv's ``hy * hx`` products since the validity masks are 0/1).
+All levels (one for :func:`roi_align`) are flattened into one ``(B * sum_l H_l W_l, C)`` table. A loop over the
+sample grid gathers, per step, the 4 corner ``C``-vectors of that sample in every bin of every roi (4 separate
+``(R, oh, ow, C)`` gathers that XLA fuses with the weighted sum) and accumulates them. The trip count is the grid
+the batch NEEDS, ``max(grid_h) * max(grid_w)``, not the static ``Gh * Gw``: a cap of 16 costs nothing unless a roi
+uses it. (An earlier version looped over all ``Gh * Gw`` steps and skipped the unneeded ones with ``lax.cond``;
+XLA:CPU copied the accumulator in every skipped step, 256 x 50 MB for 1000 rois at 7x7 with the test cap 16.)
+Reverse mode goes through a custom VJP (a dynamic trip count is not reverse-differentiable): the transpose, one
+scatter-add per step over the same steps (mmcv's CUDA backward does the same atomicAdds). Cost: ``4 * R * oh * ow
+* C`` reads per step (R=1000, 7x7, C=256: 50 M floats), mostly cache hits since neighbouring samples share pixels;
+peak memory is one step. The per-axis weights are built separably (``wy * wx``, equal to mmcv's ``hy * hx``
+products since the validity masks are 0/1).
 
 Rejected alternatives: (1) one gather over the whole ``(R, oh, Gh, 2, ow, Gw, 2, C)`` sample set and one reduction
 (``_pool_vectorized``, kept for benchmarking): a single kernel if XLA fuses the gather into the reduction, but
@@ -114,6 +118,18 @@ def _multilevel_default_max_samples(level_hw: Sequence[Tuple[int, int]], output_
     return max(gh, 1), max(gw, 1)
 
 
+def _div(a, b):
+    """IEEE ``a / b`` as mmcv computes it: ``b`` is broadcast to ``a``'s shape behind an optimization barrier.
+
+    XLA's algebraic simplifier rewrites ``x / broadcast(d)`` (a constant, or one value per roi spread over the
+    sample grid) into ``x * broadcast(1 / d)``, which is off by up to an ulp: ``42 / 14`` becomes ``3.0000002``,
+    and the ``ceil`` of the adaptive grid then jumps from 3 to 4 samples. A full-shape divisor it cannot see
+    through keeps the true division (cheap here: every divisor is per roi or per sample axis, never per channel).
+    """
+    a = jnp.asarray(a)
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
 def map_roi_levels(rois, num_levels: int = 4, finest_scale: float = 56.0) -> jnp.ndarray:
     """mmdet 2.11 ``SingleRoIExtractor.map_roi_levels``: ``(R, 5)`` rois -> ``(R,)`` int32 level.
 
@@ -124,7 +140,7 @@ def map_roi_levels(rois, num_levels: int = 4, finest_scale: float = 56.0) -> jnp
     """
     rois = jnp.asarray(rois, jnp.float32)
     scale = jnp.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    lvl = jnp.floor(jnp.log2(scale / jnp.float32(finest_scale) + jnp.float32(1e-6)))
+    lvl = jnp.floor(jnp.log2(_div(scale, jnp.float32(finest_scale)) + jnp.float32(1e-6)))
     lvl = jnp.clip(lvl, 0.0, float(num_levels - 1))
     nan = jnp.isnan(lvl)
     return jnp.where(nan, -1, jnp.where(nan, 0.0, lvl).astype(jnp.int32))
@@ -145,7 +161,7 @@ def _axis_samples(start, bin_size, grid, size, n_out: int, g_max: int):
     b = bin_size[:, None, None]
     gf = jnp.maximum(grid, 1).astype(jnp.float32)[:, None, None]
     # mmcv: roi_start + p * bin_size + (k + .5f) * bin_size / grid, evaluated left to right.
-    pos = (s + p * b) + ((k + jnp.float32(0.5)) * b) / gf
+    pos = (s + p * b) + _div((k + jnp.float32(0.5)) * b, gf)
     sizef = size.astype(jnp.float32)[:, None, None]
     size_i = size[:, None, None]
     used = k < grid.astype(jnp.float32)[:, None, None]
@@ -164,16 +180,16 @@ def _axis_samples(start, bin_size, grid, size, n_out: int, g_max: int):
 
 
 def _pool(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int, int], g_max: Tuple[int, int]):
-    """Average-pool every roi from the flat ``(N, C)`` table: a loop over the ``Gh * Gw`` sample grid.
+    """Average-pool every roi from the flat ``(N, C)`` table: a loop over the sample grid the batch needs.
 
     ``base`` (R,) int32: table row of pixel (0, 0) of the roi's (batch, level); ``level_h/w`` (R,) int32;
     ``starts``/``bins`` = (y, x) float32 (R,) pairs; ``grids`` = (gh, gw) int32 (R,) effective sample counts.
 
-    Step ``t = iy * Gw + ix`` gathers the 4 corners of sample ``(iy, ix)`` of every bin of every roi,
-    ``(R, oh, ow, 4, C)``, and adds ``w1 v1 + w2 v2 + w3 v3 + w4 v4`` to the accumulator (mmcv's accumulation
-    order). Steps beyond the largest grid present in the batch are skipped (``lax.cond``; a ``select`` under
-    ``vmap``). Peak memory is one step's gather whether or not XLA fuses it; reverse-mode goes through the loop
-    (a scatter-add per step).
+    Step ``t`` of ``max(gh) * max(gw)`` (a data-dependent trip count; the static ``Gh x Gw`` only bounds it)
+    gathers the 4 corners of sample ``(t // max(gw), t % max(gw))`` of every bin of every roi and adds
+    ``w1 v1 + w2 v2 + w3 v3 + w4 v4`` to the accumulator (mmcv's order). Peak memory is one step's gathers;
+    the backward (:func:`_gather_sum`'s custom VJP) is the transpose, a scatter-add per step, with the same
+    trip count.
     """
     oh, ow = out_hw
     gh_max, gw_max = g_max
@@ -183,27 +199,64 @@ def _pool(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int,
     cols = jnp.stack([xlo, xhi], -1)  # (R, ow, Gw, 2)
     wy = jnp.stack([wylo, wyhi], -1)
     wx = jnp.stack([wxlo, wxhi], -1)
-    need_h = jnp.max(grids[0], initial=0)
-    need_w = jnp.max(grids[1], initial=0)
-    r, c = base.shape[0], table.shape[1]
-
-    def sample(acc, iy, ix):
-        ry = jax.lax.dynamic_index_in_dim(rows, iy, axis=2, keepdims=False)  # (R, oh, 2)
-        cx = jax.lax.dynamic_index_in_dim(cols, ix, axis=2, keepdims=False)  # (R, ow, 2)
-        vy = jax.lax.dynamic_index_in_dim(wy, iy, axis=2, keepdims=False)
-        vx = jax.lax.dynamic_index_in_dim(wx, ix, axis=2, keepdims=False)
-        idx = ry[:, :, None, :, None] + cx[:, None, :, None, :]  # (R, oh, ow, 2, 2)
-        w = vy[:, :, None, :, None] * vx[:, None, :, None, :]  # hy*hx, hy*lx, ly*hx, ly*lx
-        vals = jnp.take(table, idx, axis=0, mode="clip").astype(jnp.float32)  # (R, oh, ow, 2, 2, C)
-        return acc + jnp.sum(vals * w[..., None], axis=(3, 4))
-
-    def step(t, acc):
-        iy, ix = t // gw_max, t % gw_max
-        return jax.lax.cond((iy < need_h) & (ix < need_w), lambda a: sample(a, iy, ix), lambda a: a, acc)
-
-    acc = jax.lax.fori_loop(0, gh_max * gw_max, step, jnp.zeros((r, oh, ow, c), jnp.float32))
+    need = jnp.stack([jnp.max(grids[0], initial=0), jnp.max(grids[1], initial=0)])
+    acc = _gather_sum((tuple(table.shape), jnp.dtype(table.dtype).name), table, rows, cols, wy, wx, need)
     count = jnp.maximum(grids[0] * grids[1], 1).astype(jnp.float32)
     return acc / count[:, None, None, None]
+
+
+def _step_corners(rows, cols, wy, wx, need, t):
+    """Sample ``t`` of every bin: 4 corner indices ``(R, oh, ow)`` and weights, in mmcv's order."""
+    iy, ix = t // need[1], t % need[1]
+    ry = jax.lax.dynamic_index_in_dim(rows, iy, axis=2, keepdims=False)  # (R, oh, 2)
+    cx = jax.lax.dynamic_index_in_dim(cols, ix, axis=2, keepdims=False)  # (R, ow, 2)
+    vy = jax.lax.dynamic_index_in_dim(wy, iy, axis=2, keepdims=False)
+    vx = jax.lax.dynamic_index_in_dim(wx, ix, axis=2, keepdims=False)
+    corners = [(a, b) for a in (0, 1) for b in (0, 1)]  # (y_low, x_low), (y_low, x_high), (y_high, ...)
+    idx = [ry[:, :, None, a] + cx[:, None, :, b] for a, b in corners]
+    w = [vy[:, :, None, a] * vx[:, None, :, b] for a, b in corners]  # hy*hx, hy*lx, ly*hx, ly*lx
+    return idx, w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gather_sum(spec, table, rows, cols, wy, wx, need):
+    """``sum over samples t < need[0] * need[1]`` of the 4 weighted corners, ``(R, oh, ow, C)`` float32.
+
+    Four separate ``(R, oh, ow, C)`` gathers per step (not one ``(..., 4, C)`` gather and a reduction), so that
+    XLA fuses them with the weighted sum into one pass that writes only the accumulator. ``spec``: the table's
+    static (shape, dtype name), for the backward.
+    """
+    r, oh, ow = rows.shape[0], rows.shape[1], cols.shape[1]
+
+    def body(t, acc):
+        idx, w = _step_corners(rows, cols, wy, wx, need, t)
+        v = [jnp.take(table, i, axis=0, mode="clip").astype(jnp.float32) for i in idx]
+        return acc + (((w[0][..., None] * v[0] + w[1][..., None] * v[1]) + w[2][..., None] * v[2])
+                      + w[3][..., None] * v[3])
+
+    zero = jnp.zeros((r, oh, ow, table.shape[1]), jnp.float32)
+    return jax.lax.fori_loop(0, need[0] * need[1], body, zero)
+
+
+def _gather_sum_fwd(spec, table, rows, cols, wy, wx, need):
+    return _gather_sum(spec, table, rows, cols, wy, wx, need), (rows, cols, wy, wx, need)
+
+
+def _gather_sum_bwd(spec, res, ct):
+    (shape, dtype), (rows, cols, wy, wx, need) = spec, res
+    ct = ct.astype(jnp.float32)
+
+    def body(t, grad):
+        idx, w = _step_corners(rows, cols, wy, wx, need, t)
+        for i, wi in zip(idx, w):
+            grad = grad.at[i.reshape(-1)].add((wi[..., None] * ct).reshape(-1, shape[1]), mode="clip")
+        return grad
+
+    grad = jax.lax.fori_loop(0, need[0] * need[1], body, jnp.zeros(shape, jnp.float32))
+    return grad.astype(dtype), None, None, None, None, None
+
+
+_gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 
 def _pool_vectorized(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int, int],
@@ -255,8 +308,8 @@ def _roi_geometry(rois, scale, out_hw: Tuple[int, int], aligned: bool):
     if not aligned:
         roi_w = jnp.maximum(roi_w, 1.0)
         roi_h = jnp.maximum(roi_h, 1.0)
-    bin_h = roi_h / jnp.float32(out_hw[0])
-    bin_w = roi_w / jnp.float32(out_hw[1])
+    bin_h = _div(roi_h, jnp.float32(out_hw[0]))  # exact division: ceil(bin) is the adaptive grid
+    bin_w = _div(roi_w, jnp.float32(out_hw[1]))
     return (start_h, start_w), (bin_h, bin_w)
 
 

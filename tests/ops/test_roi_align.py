@@ -259,3 +259,48 @@ def test_vectorized_pool_variant_matches(monkeypatch):
     ref = ref_roi_align(feat, rois, (3, 4), 0.25, grid_cap=(3, 2))
     _close(vec, ref)
     _close(loop, ref_roi_align(feat, rois, (3, 4), 0.25, grid_cap=(3, 3)))
+
+
+# Rois on a (1, 25, 42) stride-32 map (an 800 x 1344 canvas) touching each edge. Several have bins that are whole
+# numbers of feature pixels (42 / 14 = 3): XLA used to turn ``roi_w / 14`` into ``roi_w * (1 / 14)`` = 3.0000002,
+# whose ceil made the adaptive grid 4 instead of mmcv's 3 whenever max_samples allowed 4 (issue 12 item 7).
+EDGE_ROIS = np.array([
+    [0, 0.0, 0.0, 1344.0, 768.0],     # issue 12: x from 0 to the right edge
+    [0, 0.0, 0.0, 1344.0, 800.0],     # whole map
+    [0, 0.0, 200.0, 448.0, 648.0],    # left edge, 14 px -> bins of exactly 1 pixel
+    [0, 896.0, 96.0, 1344.0, 544.0],  # right edge
+    [0, 320.0, 0.0, 768.0, 448.0],    # top edge
+    [0, 128.0, 352.0, 576.0, 800.0],  # bottom edge
+    [0, 1.0, 0.0, 1344.0, 768.0],     # as the first, starting at x = 1 (was already exact)
+    [0, -224.0, -96.0, 1568.0, 992.0],  # beyond the map on every side
+    [0, 1000.0, 600.0, 1500.0, 900.0],  # beyond the bottom-right corner
+    [0, -300.0, 100.0, 20.0, 300.0],  # mostly left of the map
+], np.float32)
+
+
+def _adaptive_need(rois, out, scale):
+    """Largest mmcv adaptive grid per axis over ``rois`` (aligned), in numpy float32."""
+    r = np.asarray(rois, f32)
+    x = r[:, 1:] * f32(scale) - f32(0.5)
+    h, w = (x[:, 3] - x[:, 1]) / f32(out), (x[:, 2] - x[:, 0]) / f32(out)
+    return int(np.ceil(h).max()), int(np.ceil(w).max())
+
+
+def test_roi_align_edge_rois_any_max_samples():
+    """Every edge roi equals mmcv at 1e-5 with the default grid and with grids of 1x, 2x and 10x the need."""
+    rng = np.random.default_rng(5)
+    feat = _feat(rng, (1, 25, 42, 3))
+    scale, out = 1.0 / 32, 14
+    need = _adaptive_need(EDGE_ROIS, out, scale)
+    assert need == (3, 4)
+    ref = ref_roi_align(feat, EDGE_ROIS, (out, out), scale)
+    # Default grid ceil(25 / 14) x ceil(42 / 14) = 2 x 3: exact for rois inside the map, capped beyond it.
+    default = ref_roi_align(feat, EDGE_ROIS, (out, out), scale, grid_cap=(2, 3))
+    _close(roi_align(feat, EDGE_ROIS, out, scale), default)
+    _close(np.asarray(roi_align(feat, EDGE_ROIS, out, scale))[:7], ref[:7])
+    for k in (1, 2, 10):
+        _close(roi_align(feat, EDGE_ROIS, out, scale, max_samples=(k * need[0], k * need[1])), ref)
+    # The multilevel extractor shares the geometry: the whole-map roi (level 3) with a generous grid.
+    feats = [_feat(rng, (1, 800 // s, 1344 // s, 2)) for s in (4, 8, 16, 32)]
+    got = multilevel_roi_align(feats, EDGE_ROIS[:2], out, max_samples=10)
+    _close(got, ref_roi_align(feats[3], EDGE_ROIS[:2], (out, out), scale))

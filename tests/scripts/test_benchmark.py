@@ -62,3 +62,32 @@ def test_train_mode_on_the_synthetic_config(tmp_path):
     assert rc == 0
     (rec,) = _records(out)
     assert rec["mode"] == "train" and rec["batch"] == 2 and rec["images_per_s"] > 0
+
+
+def _image(tmp_path):
+    import cv2
+    import numpy as np
+
+    path = str(tmp_path / "img.jpg")
+    cv2.imwrite(path, np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.mark.slow  # ~27 s each (compiles predict and the stages)
+@pytest.mark.parametrize("config", ["synthetic_retinanet_lit_ti.py", "synthetic_mask_rcnn_lit_ti.py"])
+def test_infer_image_end_to_end_with_stage_breakdown(tmp_path, capsys, config):
+    out = str(tmp_path / "results.jsonl")
+    rc = _script().main(["--config", os.path.join(ROOT, "configs", config), "--mode", "infer", "--image",
+                         _image(tmp_path), "--steps", "1", "--warmup", "0", "--out", out,
+                         "--config.data.img_scale=(96, 64)", "--config.model.backbone_args.depths=(1, 1, 1, 1)"])
+    assert rc == 0
+    (rec,) = _records(out)
+    assert rec["size"] == [64, 96] and rec["ori_shape"] == [40, 60] and rec["images_per_s"] > 0
+    assert rec["compiled_functions_first_call"] >= 1 and rec["compilations_during_rounds"] == 0
+    stages = rec["stages"]
+    expected = {"preprocessing", "backbone", "FPN", "NMS", "results to host"}
+    expected |= {"RPN + proposals", "RoI box head", "RoI mask head", "mask paste"} if "mask" in config else {
+        "dense head"}
+    assert set(stages) == expected
+    assert sum(s["share"] for s in stages.values()) == pytest.approx(1.0)
+    assert "compiled functions" in capsys.readouterr().out
