@@ -9,7 +9,7 @@ Nothing here imports tensorflow, ml_collections or pycocotools (the image path i
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,20 +19,18 @@ __all__ = ["preprocess_bytes", "CompileCounter", "StagedInference", "staged_infe
 
 
 def preprocess_bytes(data: bytes, img_scale: Sequence[int], size_divisor: int = 32, name: str = "?"):
-    """The test pipeline of ``scripts/predict.py``'s ``preprocess`` on encoded image bytes.
+    """The test pipeline (:func:`lit_jax.data.image.prepare_image`) on encoded image bytes, decoded as mmcv.
 
     Returns ``(images (1, Hp, Wp, 3) float32, img_shape (1, 2) int32, scale_factor (1, 4) float32, (h0, w0))``.
     """
-    from lit_jax.data.transforms import MEAN_RGB, STD_RGB, ceil_to, decode_resize_np
+    import cv2
 
-    resized, (h, w) = decode_resize_np(data, tuple(img_scale), name=name)
-    new_h, new_w = resized.shape[:2]
-    norm = (resized.astype(np.float32) - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STD_RGB, np.float32)
-    padded = np.zeros((ceil_to(new_h, size_divisor), ceil_to(new_w, size_divisor), 3), np.float32)
-    padded[:new_h, :new_w] = norm
-    w_s, h_s = np.float32(new_w / w), np.float32(new_h / h)
-    scale = np.asarray([[w_s, h_s, w_s, h_s]], np.float32)
-    return padded[None], np.asarray([[new_h, new_w]], np.int32), scale, (int(h), int(w))
+    from lit_jax.data.image import decode_bgr, prepare_image
+
+    prepared = prepare_image(cv2.cvtColor(decode_bgr(data, name), cv2.COLOR_BGR2RGB), tuple(img_scale),
+                             size_divisor=size_divisor)
+    return (prepared.image[None], prepared.img_shape[None], prepared.scale_factor[None],
+            tuple(int(v) for v in prepared.ori_shape))
 
 
 class CompileCounter:

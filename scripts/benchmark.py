@@ -61,11 +61,8 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# The synthetic modes need none of tensorflow, tensorflow_datasets, pycocotools (imported only by the data
-# pipeline and evaluation) nor ml_collections: a minimal ConfigDict stands in where it is missing (GPU image).
-from lit_jax.configdict import install_if_missing  # noqa: E402
-
-install_if_missing()
+# The synthetic modes import neither tensorflow, tensorflow_datasets nor pycocotools (only the data pipeline and
+# evaluation do); the config files need ml_collections (a small pure-Python wheel that travels to a GPU image).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("workdir", "benchmarks", "results.jsonl")
@@ -128,7 +125,7 @@ def parse_size(text: Optional[str], config) -> tuple[int, int]:
         except ValueError:
             raise SystemExit(f"error: --size must be HxW (e.g. 800x1344), got {text!r}") from None
         return h, w
-    from lit_jax.data.pipeline import DataConfig
+    from lit_jax.data.config import DataConfig
 
     return DataConfig.from_dict(config.data).resolved_canvases()[0]
 

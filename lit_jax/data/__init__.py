@@ -5,7 +5,7 @@ Names are imported lazily so that ``lit_jax.data.synthetic`` (numpy/cv2 only) do
 import importlib
 
 _EXPORTS = {
-    "DataConfig": "pipeline",
+    "DataConfig": "config",
     "make_train_dataset": "pipeline",
     "make_eval_dataset": "pipeline",
     "GlobalBatches": "pipeline",

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 

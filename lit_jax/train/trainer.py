@@ -75,7 +75,7 @@ def load_pretrained_backbone(path: str, backbone) -> dict:
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        from lit_jax.data.pipeline import DataConfig
+        from lit_jax.data.config import DataConfig
 
         self.config = config
         self.workdir = os.path.abspath(workdir)

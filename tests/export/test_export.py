@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from lit_jax.config import load_config, split_overrides
 from lit_jax.convert.store import save_variables
 from lit_jax.data.image import prepare_image
-from lit_jax.export import ExportError, export_detector
+from lit_jax.export import export_detector
 from lit_jax.inference import load_detector
 from lit_jax.inference.detector import inference_model_section
 from lit_jax.models.registry import build_detector

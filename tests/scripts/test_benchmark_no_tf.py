@@ -1,5 +1,6 @@
-"""scripts/benchmark.py's synthetic inference and scripts/gpu_check.sh where tensorflow, tensorflow_datasets,
-ml_collections and pycocotools cannot be imported (the GPU image): a sitecustomize blocks them in a subprocess."""
+"""scripts/benchmark.py's synthetic inference and training and scripts/gpu_check.sh where tensorflow,
+tensorflow_datasets and pycocotools cannot be imported (the GPU image; ml_collections travels there as a small
+wheel): a sitecustomize blocks them in a subprocess."""
 
 import json
 import os
@@ -17,7 +18,7 @@ class _Block:
         return None
 sys.meta_path.insert(0, _Block())
 '''
-ALL = ("tensorflow", "tensorflow_datasets", "ml_collections", "pycocotools")
+ALL = ("tensorflow", "tensorflow_datasets", "pycocotools")
 TINY = ["--size", "64x96", "--config.model.backbone_args.depths=(1, 1, 1, 1)"]
 
 
@@ -48,14 +49,17 @@ det = build_detector(config.model)
 variables = jax.eval_shape(lambda k: det.init(k, (64, 96)), jax.random.PRNGKey(0))
 setup = b.setup_infer(config, np.zeros((1, 64, 96, 3), np.float32), variables)
 out = jax.eval_shape(setup.build(config), *setup.args)
-assert "ml_collections" in sys.modules and sys.modules["ml_collections"].__lit_jax_standin__
+from lit_jax.train.trainer import Trainer  # train mode: the trainer and its DataConfig, without tensorflow
+trainer = Trainer(config, "/nonexistent/workdir")
+assert trainer.data_cfg.resolved_canvases()
+assert not any(m.split(".")[0] in {blocked!r} for m in sys.modules)
 print("traced", type(out).__name__)
 """
 
 
 def test_infer_traces_without_tf_mlc_pycocotools(tmp_path):
     """Cheap (no XLA compilation): the harness, the config and the whole predict trace without the four."""
-    code = TRACE.format(script=os.path.join(ROOT, "scripts", "benchmark.py"),
+    code = TRACE.format(script=os.path.join(ROOT, "scripts", "benchmark.py"), blocked=ALL,
                         config=os.path.join(ROOT, "configs", "synthetic_mask_rcnn_lit_ti.py"))
     r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, ALL), capture_output=True, text=True,
                        timeout=600)
@@ -78,7 +82,7 @@ def test_infer_runs_without_tf_mlc_pycocotools(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_tiny_on_cpu(tmp_path):
     """The device script end to end at a tiny size, one config (the train step compiles for minutes on CPU)."""
-    env = dict(_env(tmp_path, ("ml_collections", "pycocotools")), PYTHON=sys.executable, GPU_CHECK_SIZE="64x96",
+    env = dict(_env(tmp_path, ALL), PYTHON=sys.executable, GPU_CHECK_SIZE="64x96",
                GPU_CHECK_TINY="1", GPU_CHECK_BATCHES="4", GPU_CHECK_STEPS="1", GPU_CHECK_DTYPE="float32",
                GPU_CHECK_RUN_S="900", GPU_CHECK_BUDGET_S="3000", OUT=str(tmp_path / "out"),
                GPU_CHECK_CONFIGS="configs/synthetic_retinanet_lit_ti.py")
