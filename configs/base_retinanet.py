@@ -78,5 +78,6 @@ def retinanet_config(backbone: str) -> ml_collections.ConfigDict:
         "ann_file": "",  # COCO json for pycocotools; '' = the one the dataset was built from
         "classwise": False,  # also report (and log to TensorBoard) the AP of every class
         "show_num": 4,  # after training, draw the predictions on this many val images (workdir/predictions)
+        "show_score_thr": 0.3,  # ... those scoring above this
     })
     return c

@@ -206,6 +206,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check("model.num_classes", ints_at_least(1), "an integer >= 1")
     check("eval.mode", lambda v: v in EVAL_MODES, " or ".join(repr(m) for m in EVAL_MODES))
     check("eval.show_num", ints_at_least(0), "an integer >= 0")
+    check("eval.show_score_thr", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
     present_p, pretrained = get("model.pretrained")
     present_l, load_from = get("model.load_from")
     if present_p and present_l and pretrained and load_from:

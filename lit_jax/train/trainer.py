@@ -338,7 +338,8 @@ class Trainer:
             from lit_jax.evaluation.show import draw_results_on_split
 
             drawn = draw_results_on_split(data.source, self.data_cfg.eval_split, results, show_dir, num=show_num,
-                                          class_names=data.source.category_names, category_ids=label_to_cat)
+                                          class_names=data.source.category_names, category_ids=label_to_cat,
+                                          score_thr=float(cfg.eval.get("show_score_thr", 0.3)))
             log.info("predictions of %d images drawn in %s", len(drawn), show_dir)
         if evaluator is None:
             return {}
