@@ -319,9 +319,8 @@ class Trainer:
             collected.append(c)
             images += int(np.sum(c["valid"])) if c["valid"] is not None else len(c["image_id"])
         seconds = time.perf_counter() - start
-        speed = {"eval_images_per_s": images / max(seconds, 1e-9), "eval_compiled_shapes": float(len(shapes))}
         log.info("evaluated %d images (%s mode) in %.1f s: %.2f images/s, %d compiled shapes", images, mode, seconds,
-                 speed["eval_images_per_s"], len(shapes))
+                 images / max(seconds, 1e-9), len(shapes))
         if mode == "per_image" and jax.process_count() > 1:
             collected = _allgather_pickled(collected)
         if not self.is_main:
@@ -344,9 +343,7 @@ class Trainer:
         if evaluator is None:
             return {}
         evaluator.extend(results)
-        stats = evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",), classwise=classwise)
-        stats.update(speed)
-        return stats
+        return evaluator.evaluate(iou_types=("bbox", "segm") if with_masks else ("bbox",), classwise=classwise)
 
     def _encode_masks(self, mask_probs, mask_boxes, mask_valid, det_valid, ori_shape) -> list:
         """Per image of a batch: the RLEs of its valid detections' masks, pasted at the original size."""

@@ -49,8 +49,8 @@ def test_train_compare_and_unknown_keys_are_refused(tmp_path, capsys):
     script = _script()
     assert script.main(["--config", TI, "--mode", "train", "--compare-torch", "--out", str(tmp_path / "r")]) == 2
     assert "no training step" in capsys.readouterr().err
-    assert script.main(["--config", TI, "--config.model.backbone_args.dcn_implx=1"]) == 2
-    assert "dcn_implx" in capsys.readouterr().err
+    assert script.main(["--config", TI, "--config.model.fpn_channelz=1"]) == 2
+    assert "did you mean 'model.fpn_channels'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

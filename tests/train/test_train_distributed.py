@@ -54,6 +54,7 @@ def test_eight_devices_equal_the_per_gpu_computation(by_hand, tmp_path):
     _compare(_load(out), by_hand, atol=1e-5)
 
 
+@pytest.mark.slow  # ~2 minutes on 2 cores (two processes compile the step); run with -m slow
 def test_two_processes_equal_one_process(by_hand, tmp_path):
     one = str(tmp_path / "one.npz")
     _wait([_run(["devices", one], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})])
