@@ -659,10 +659,9 @@ def measure_image(args, config, base: dict) -> list[dict]:
         def end_to_end():
             imgs, shape, sf, ori_hw = preprocess_bytes(data, img_scale, name=args.image)
             out = predict(variables, imgs, {"img_shape": shape, "scale_factor": sf})
-            out = out._asdict() if hasattr(out, "_asdict") else dict(out)
-            host = {k: np.asarray(out[k][0]) for k in ("boxes", "scores", "labels", "valid")}
-            if "mask_probs" in out:
-                host["masks"] = det.paste(out["mask_probs"][0], out["mask_boxes"][0], ori_hw, out["mask_valid"][0])
+            host = {k: np.asarray(getattr(out, k)[0]) for k in ("boxes", "scores", "labels", "valid")}
+            if out.has_masks:
+                host["masks"] = det.paste(out.mask_probs[0], out.mask_boxes[0], ori_hw, out.mask_valid[0])
             return host
 
         staged = staged_inference(det)
