@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from lit_jax.data.image import PreparedImage, assign_buckets, default_canvases, prepare_image
+from lit_jax.data.image import MEAN_RGB, STD_RGB, PreparedImage, assign_buckets, default_canvases, prepare_image
 from lit_jax.inference import inputs as inputs_lib
 from lit_jax.inference.weights import load_weights, resolve_class_names
 
@@ -94,8 +94,8 @@ class Detector:
         data = config.data
         self.img_scale = tuple(int(v) for v in data.img_scale)
         self.size_divisor = int(data.get("size_divisor", 32))
-        self.mean = tuple(data.get("mean", None) or _default_norm()[0])
-        self.std = tuple(data.get("std", None) or _default_norm()[1])
+        self.mean = tuple(data.get("mean", None) or MEAN_RGB)
+        self.std = tuple(data.get("std", None) or STD_RGB)
         canvases = data.get("canvases", None)
         self.canvases = (tuple(tuple(int(v) for v in c) for c in canvases) if canvases
                          else default_canvases(self.img_scale, self.size_divisor))
@@ -198,12 +198,6 @@ class Detector:
         return Result(name, np.asarray(out.boxes[i])[slots].astype(np.float32),
                       np.asarray(out.scores[i])[slots].astype(np.float32), labels, names, masks, (h0, w0),
                       self.category_ids)
-
-
-def _default_norm():
-    from lit_jax.data.image import MEAN_RGB, STD_RGB
-
-    return MEAN_RGB, STD_RGB
 
 
 def load_detector(config: Union[str, Any], weights: str, *, canvas: str = "per_image", batch_size: int = 1,

@@ -48,9 +48,9 @@ def load_weights(path: str, detector) -> Weights:
     if os.path.isfile(path):
         weights = _from_pth(path, detector)
     elif os.path.isdir(os.path.join(path, "variables")):
-        weights = _from_converted(path)
+        weights = read_converted(path)
     else:
-        weights = _from_training(path)
+        weights = read_training_checkpoint(path)
     check_fits(weights.variables, detector, weights.source)
     return weights
 
@@ -64,7 +64,8 @@ def _from_pth(path: str, detector) -> Weights:
     return Weights(variables, names, None, path)
 
 
-def _from_converted(path: str) -> Weights:
+def read_converted(path: str) -> Weights:
+    """A ``convert_weights.py`` folder's variables and the class names of its ``conversion.json`` (unchecked)."""
     from lit_jax.convert.store import load_variables
 
     info = {}
@@ -78,7 +79,8 @@ def _from_converted(path: str) -> Weights:
     return Weights(load_variables(path), info.get("class_names"), info.get("category_ids"), path)
 
 
-def _from_training(path: str) -> Weights:
+def read_training_checkpoint(path: str) -> Weights:
+    """The model variables and class names of a training workdir, ``checkpoints/`` folder or step (unchecked)."""
     from lit_jax.train.checkpoint import restore_subtrees
 
     step = None

@@ -26,7 +26,7 @@ def read_source(path: str, detector, model_section: dict):
     """The source detector's variables (``lit_jax.inference.weights.Weights``), read without checking them
     against ``detector`` (their class count may differ). A ``.pth`` is converted for a detector like the
     configured one with the checkpoint's own class count."""
-    from lit_jax.inference.weights import Weights, _from_converted, _from_training
+    from lit_jax.inference.weights import Weights, read_converted, read_training_checkpoint
 
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
@@ -50,8 +50,8 @@ def read_source(path: str, detector, model_section: dict):
         names = meta.get("CLASSES") if isinstance(meta, dict) else None
         return Weights(variables, [str(n) for n in names] if names else None, None, path)
     if os.path.isdir(os.path.join(path, "variables")):
-        return _from_converted(path)
-    return _from_training(path)
+        return read_converted(path)
+    return read_training_checkpoint(path)
 
 
 def merge_for_finetuning(fresh: dict, source: dict, class_layers, source_name: str) -> tuple[dict, dict]:
@@ -65,11 +65,12 @@ def merge_for_finetuning(fresh: dict, source: dict, class_layers, source_name: s
     def is_class_layer(key) -> bool:
         return (format_var(key) + "/").startswith(class_prefixes)
 
-    out, reinit, problems = {}, set(), []
+    out, reinit, problems, loaded = {}, set(), [], 0
     for key, init in flat_fresh.items():
         have = flat_src.get(key)
         if have is not None and tuple(np.shape(have)) == tuple(np.shape(init)):
-            out[key] = np.asarray(have, dtype=np.asarray(init).dtype) if hasattr(init, "dtype") else have
+            out[key] = np.asarray(have, dtype=np.asarray(init).dtype)
+            loaded += 1
         elif have is not None and is_class_layer(key):
             out[key] = init
             reinit.add("/".join(key[1][:-1]))
@@ -81,9 +82,7 @@ def merge_for_finetuning(fresh: dict, source: dict, class_layers, source_name: s
     if problems:
         raise LoadFromError(f"model.load_from={source_name} does not fit the configured detector (only the "
                             f"class layers {list(class_layers)} may differ): " + "; ".join(sorted(problems)))
-    return unflatten_variables(out), {"loaded": len(out) - sum(1 for k in out if is_class_layer(k) and
-                                                               "/".join(k[1][:-1]) in reinit),
-                                      "reinitialised": sorted(reinit)}
+    return unflatten_variables(out), {"loaded": loaded, "reinitialised": sorted(reinit)}
 
 
 def load_from(path: str, detector, model_section: dict, fresh: dict) -> tuple[dict, Any]:

@@ -129,10 +129,9 @@ def test_class_count_mismatch_is_a_named_error(released, tmp_path):
         load_detector(os.path.join(ROOT, other), converted)
 
 
+@pytest.mark.parametrize("released", ["retinanet_lit_ti"], indirect=True)  # input handling is detector-independent
 def test_bad_inputs_are_named_and_the_others_still_run(released, tmp_path):
     kind, config, pth, converted, png = released
-    if kind != "retinanet_lit_ti":
-        pytest.skip("input handling does not depend on the detector")
     det = load_detector(config, converted, overrides=SMALL)
     assert det.class_names == list(COCO_CLASSES)
     broken = tmp_path / "broken.jpg"
