@@ -86,6 +86,8 @@ class LITTi(nn.Module):
       dcn_impl: deformable sampling in the DTMs: ``'padded'`` (default) | ``'masked'`` (previous formulation).
       remat_policy: ``None`` (from ``use_checkpoint``) | ``'none'`` | ``'full'`` | ``'dots_saveable'`` |
         ``'dots_with_no_batch_dims_saveable'`` (:data:`lit_jax.models.layers.REMAT_POLICIES`).
+      mlp_token_chunk: each block's LayerNorm + MLP over chunks of this many tokens (0: none; None: auto, 1024 on
+        CPU, where it keeps the hidden activation in cache); see :func:`lit_jax.models.layers.norm_then_mlp`.
     """
 
     embed_dims: Sequence[int] = (64, 128, 320, 512)
@@ -103,6 +105,7 @@ class LITTi(nn.Module):
     rel_bias_impl: str = "fused"
     dcn_impl: str = "padded"
     remat_policy: Optional[str] = None
+    mlp_token_chunk: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def _add_pos_embed(self, x, stage: int):
@@ -169,11 +172,12 @@ class LITTi(nn.Module):
                     blk = attn_block(
                         self.num_heads[stage], self.mlp_ratios[stage], dpr[block_id], norm_eps=1e-6,
                         attention_impl=self.attention_impl, query_chunk=self.attention_query_chunk,
-                        dtype=self.dtype, name=name,
+                        token_chunk=self.mlp_token_chunk, dtype=self.dtype, name=name,
                     )
                     tokens = blk(tokens, (h, w), stage_train)
                 else:
-                    blk = mlp_block(self.mlp_ratios[stage], dpr[block_id], norm_eps=1e-6, dtype=self.dtype, name=name)
+                    blk = mlp_block(self.mlp_ratios[stage], dpr[block_id], norm_eps=1e-6,
+                                    token_chunk=self.mlp_token_chunk, dtype=self.dtype, name=name)
                     tokens = blk(tokens, stage_train)
                 block_id += 1
             x = _freeze(tokens.reshape(b, h, w, c), stage + 1, self.frozen_stages)
@@ -201,6 +205,7 @@ class LITSStage(nn.Module):
     attention_query_chunk: Optional[int] = None
     rel_bias_impl: str = "fused"
     dcn_impl: str = "padded"
+    mlp_token_chunk: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -212,13 +217,14 @@ class LITSStage(nn.Module):
                 blk = maybe_remat(TransformerBlock, self.remat_policy, static_argnums=(2, 3))(
                     self.num_heads, self.mlp_ratio, self.drop_path[i], norm_eps=1e-5, bias_mode="relative",
                     table_size=self.table_size, attention_impl=self.attention_impl,
-                    query_chunk=self.attention_query_chunk, rel_bias_impl=self.rel_bias_impl, dtype=self.dtype,
-                    name=f"blocks_{i}",
+                    query_chunk=self.attention_query_chunk, rel_bias_impl=self.rel_bias_impl,
+                    token_chunk=self.mlp_token_chunk, dtype=self.dtype, name=f"blocks_{i}",
                 )
                 tokens = blk(tokens, (h, w), train)
             else:
                 blk = maybe_remat(MLPBlock, self.remat_policy, static_argnums=(2,))(
-                    self.mlp_ratio, self.drop_path[i], norm_eps=1e-5, dtype=self.dtype, name=f"blocks_{i}"
+                    self.mlp_ratio, self.drop_path[i], norm_eps=1e-5, token_chunk=self.mlp_token_chunk,
+                    dtype=self.dtype, name=f"blocks_{i}"
                 )
                 tokens = blk(tokens, train)
         out = tokens.reshape(b, h, w, c)
@@ -239,8 +245,8 @@ class LITS(nn.Module):
         uses 50 and 25 for stages 3 and 4 (99x99 and 49x49, i.e. 200/2^i), ImageNet's are 14 and 7.
       drop_path_rate: stochastic depth, linear over all 12 blocks (0.2 in the detection configs).
       use_checkpoint, frozen_stages, bn_group_size, dtype: as in :class:`LITTi`.
-      attention_impl, attention_query_chunk, rel_bias_impl, dcn_impl, remat_policy: the performance switches of
-        :class:`LITTi` (``rel_bias_impl`` applies to LIT-S only).
+      attention_impl, attention_query_chunk, rel_bias_impl, dcn_impl, remat_policy, mlp_token_chunk: the
+        performance switches of :class:`LITTi` (``rel_bias_impl`` applies to LIT-S only).
     """
 
     embed_dim: int = 96
@@ -258,6 +264,7 @@ class LITS(nn.Module):
     rel_bias_impl: str = "fused"
     dcn_impl: str = "padded"
     remat_policy: Optional[str] = None
+    mlp_token_chunk: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def frozen_parameters(self) -> tuple:
@@ -290,7 +297,8 @@ class LITS(nn.Module):
                 remat_policy=resolve_remat_policy(self.remat_policy, self.use_checkpoint),
                 bn_group_size=self.bn_group_size, attention_impl=self.attention_impl,
                 attention_query_chunk=self.attention_query_chunk, rel_bias_impl=self.rel_bias_impl,
-                dcn_impl=self.dcn_impl, dtype=self.dtype, name=f"layers_{stage}",
+                dcn_impl=self.dcn_impl, mlp_token_chunk=self.mlp_token_chunk, dtype=self.dtype,
+                name=f"layers_{stage}",
             )(x, train=stage_train, downsample_train=stage_train)
             first += depth
             out = _freeze(out, stage + 1, self.frozen_stages)

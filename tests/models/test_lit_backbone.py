@@ -121,11 +121,7 @@ REMAT = [
 ]
 
 
-@pytest.mark.parametrize("name,remat_args", REMAT)
-def test_use_checkpoint_gives_the_same_values_and_gradients(name, remat_args):
-    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 64, 64, 3)).astype(np.float32))
-    plain = build_backbone(name, **SMALL[name])
-    remat = build_backbone(name, **remat_args, **SMALL[name])
+def _assert_same_values_and_gradients(plain, other, x):
     variables = plain.init(jax.random.PRNGKey(0), x)
     # A fixed random projection of the outputs: sum(o**2) would be degenerate behind LIT-S's output LayerNorms
     # (sum of LN(x)**2 over channels is ~C whatever x), leaving round-off noise as the gradient of earlier layers.
@@ -139,11 +135,33 @@ def test_use_checkpoint_gives_the_same_values_and_gradients(name, remat_args):
             return sum(jnp.sum(o * r) for o, r in zip(outs, weights))
         return jax.jit(jax.value_and_grad(f))(variables["params"])
 
-    (v1, g1), (v2, g2) = loss(plain), loss(remat)
+    (v1, g1), (v2, g2) = loss(plain), loss(other)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
-    # Recomputation may fuse differently, so allow float32 round-off relative to each gradient's scale.
+    # Recomputation or chunking may fuse differently, so allow float32 round-off relative to each gradient's scale.
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(np.abs(np.asarray(a)).max(), 1e-6)
+
+
+@pytest.mark.parametrize("name,remat_args", REMAT)
+def test_use_checkpoint_gives_the_same_values_and_gradients(name, remat_args):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 64, 64, 3)).astype(np.float32))
+    _assert_same_values_and_gradients(build_backbone(name, **SMALL[name]),
+                                      build_backbone(name, **remat_args, **SMALL[name]), x)
+
+
+@pytest.mark.parametrize("name", ["lit_ti", "lit_s"])
+def test_mlp_token_chunks_give_the_same_values_and_gradients(name):
+    """LayerNorm + MLP over chunks of 100 tokens (2 x 16x16 stage-1 tokens: 6 chunks, the last one padded) against
+    all tokens at once; the parameter trees are the same, so a converted checkpoint fits either."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32))
+    plain = build_backbone(name, mlp_token_chunk=0, **SMALL[name])
+    chunked = build_backbone(name, mlp_token_chunk=100, **SMALL[name])
+    shapes = [jax.eval_shape(m.init, jax.random.PRNGKey(0), x) for m in (plain, chunked)]
+    assert jax.tree_util.tree_structure(shapes[0]) == jax.tree_util.tree_structure(shapes[1])
+    variables = plain.init(jax.random.PRNGKey(0), x)
+    loops = [str(jax.make_jaxpr(lambda v: m.apply(v, x))(variables)).count("scan[") for m in (plain, chunked)]
+    assert loops[1] - loops[0] == 2  # the one block of stage 1 and of stage 2 (stage 3 has 32 tokens)
+    _assert_same_values_and_gradients(plain, chunked, x)
 
 
 @pytest.mark.parametrize("name", ["lit_ti", "lit_s"])

@@ -66,12 +66,14 @@ def test_backbone_matches_reference(converted, hw):
 
 
 # Non-default formulations, at the larger size where the attention has more queries than a chunk: query chunks of
-# 100 (the last one padded), the materialised constant-index bias gather (LIT-S) and the masked DCN sampler in one
-# model; jax.nn.dot_product_attention (XLA path on CPU, the bias passed to it for LIT-S) in the other. LIT-S runs
+# 100 (the last one padded), the materialised constant-index bias gather (LIT-S), the masked DCN sampler and MLP
+# token chunks of 1000 (padded) in one model; jax.nn.dot_product_attention (XLA path on CPU, the bias passed to
+# it for LIT-S) with unchunked MLPs in the other (the default run above chunks MLPs by 1024 on CPU). LIT-S runs
 # every code path; LIT-Ti's chunked run is in the slow set.
 VARIANTS = {
-    "chunk100-gather-masked": dict(attention_query_chunk=100, rel_bias_impl="gather", dcn_impl="masked"),
-    "dot_product": dict(attention_impl="dot_product"),
+    "chunk100-gather-masked": dict(attention_query_chunk=100, rel_bias_impl="gather", dcn_impl="masked",
+                                   mlp_token_chunk=1000),
+    "dot_product": dict(attention_impl="dot_product", mlp_token_chunk=0),
 }
 
 
