@@ -35,6 +35,29 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the checkpoint kept."""
 
 
+class CompileWatch:
+    """Counts the jax compilations (XLA backend compiles) made while active, and the seconds spent tracing,
+    lowering and compiling: ``with CompileWatch() as w: ...; w.count, w.seconds``. A cache hit counts nothing."""
+
+    _COMPILE = "/jax/core/compile/backend_compile_duration"
+    _EVENTS = (_COMPILE, "/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def _listen(self, event: str, duration: float, **_):
+        if event in self._EVENTS:
+            self.seconds += duration
+            self.count += event == self._COMPILE
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training (replicated over the mesh)."""
@@ -83,6 +106,7 @@ class Trainer:
         self.detector = build_detector(_model_section(config))
         self.data_cfg = DataConfig.from_dict(config.data)
         self.is_main = jax.process_index() == 0
+        self.last_eval_speed = None  # after evaluate(): images, seconds, shapes, compiles, compile_seconds, mode
         group = config.train.get("stats_group_size", 0)
         n_dev = jax.device_count()
         if group and (self.data_cfg.global_batch_size // n_dev) % group and n_dev > 1:
@@ -307,20 +331,27 @@ class Trainer:
         # (bucket mode, where every process holds the gathered batch) on process 0 only.
         encode_here = mode == "per_image" or self.is_main
         collected, shapes, images, start = [], set(), 0, time.perf_counter()
-        for batch in batches:
-            shapes.add(tuple(batch["images"].shape))  # one compilation of predict per distinct shape
-            out = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
-            c = {"image_id": gather(batch["image_id"]), "valid": gather(batch["valid"]) if "valid" in batch else None,
-                 "boxes": gather(out.boxes), "scores": gather(out.scores), "labels": gather(out.labels),
-                 "det_valid": gather(out.valid)}
-            if with_masks and encode_here:
-                c["masks"] = self._encode_masks(gather(out.mask_probs), gather(out.mask_boxes),
-                                                gather(out.mask_valid), c["det_valid"], gather(batch["ori_shape"]))
-            collected.append(c)
-            images += int(np.sum(c["valid"])) if c["valid"] is not None else len(c["image_id"])
+        with CompileWatch() as watch:
+            for batch in batches:
+                shapes.add(tuple(batch["images"].shape))  # one compilation of predict per distinct shape
+                out = predict(variables, batch["images"], batch["img_shape"], batch["scale_factor"])
+                c = {"image_id": gather(batch["image_id"]),
+                     "valid": gather(batch["valid"]) if "valid" in batch else None,
+                     "boxes": gather(out.boxes), "scores": gather(out.scores), "labels": gather(out.labels),
+                     "det_valid": gather(out.valid)}
+                if with_masks and encode_here:
+                    c["masks"] = self._encode_masks(gather(out.mask_probs), gather(out.mask_boxes),
+                                                    gather(out.mask_valid), c["det_valid"], gather(batch["ori_shape"]))
+                collected.append(c)
+                images += int(np.sum(c["valid"])) if c["valid"] is not None else len(c["image_id"])
         seconds = time.perf_counter() - start
-        log.info("evaluated %d images (%s mode) in %.1f s: %.2f images/s, %d compiled shapes", images, mode, seconds,
-                 images / max(seconds, 1e-9), len(shapes))
+        # Compilations counted as they happen (jax.monitoring): one per distinct shape when nothing else in the loop
+        # compiles. Without them: the loop's time less the tracing, lowering and XLA compile time it contained.
+        self.last_eval_speed = {"mode": mode, "images": images, "seconds": seconds, "shapes": len(shapes),
+                                "compiles": watch.count, "compile_seconds": watch.seconds}
+        log.info("evaluated %d images (%s mode) in %.1f s: %.2f images/s, %d compiled shapes, %d compilations "
+                 "taking %.1f s (%.2f images/s without them)", images, mode, seconds, images / max(seconds, 1e-9),
+                 len(shapes), watch.count, watch.seconds, images / max(seconds - watch.seconds, 1e-9))
         if mode == "per_image" and jax.process_count() > 1:
             collected = _allgather_pickled(collected)
         if not self.is_main:
