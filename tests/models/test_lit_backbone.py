@@ -149,7 +149,7 @@ def test_use_checkpoint_gives_the_same_values_and_gradients(name, remat_args):
                                       build_backbone(name, **remat_args, **SMALL[name]), x)
 
 
-@pytest.mark.parametrize("name", ["lit_ti", "lit_s"])
+@pytest.mark.parametrize("name", ["lit_ti", pytest.param("lit_s", marks=pytest.mark.slow)])
 def test_mlp_token_chunks_give_the_same_values_and_gradients(name):
     """LayerNorm + MLP over chunks of 100 tokens (2 x 16x16 stage-1 tokens: 6 chunks, the last one padded) against
     all tokens at once; the parameter trees are the same, so a converted checkpoint fits either."""
