@@ -431,47 +431,71 @@ def compare_composed(staged: StagedTrain, whole_compiled, params, batch_stats) -
 
 
 def train_breakdown(staged: StagedTrain, whole_compiled, whole_flops: float, params, batch_stats, rounds: int,
-                    warmup: int = 1, train_step: Optional[tuple] = None) -> dict:
+                    warmup: int = 1, train_step: Optional[tuple] = None, baseline: Optional[tuple] = None) -> dict:
     """Times every part of ``staged``, the whole loss + gradient and (``train_step = (runner, flops)``) the whole
-    train step in the same alternating rounds. Returns ``{'parts': [{name, kind, in_total, median_s, times_s,
-    gflop, gflops_per_s, share}], 'whole': {...}, 'train_step': {...}, 'sum_in_total_s': ...}``; ``share`` is the
-    part's median over the whole loss + gradient's median."""
+    train step in the same alternating rounds; with ``baseline = (staged, whole_compiled, whole_flops)`` (the same
+    parts of another build of the model, e.g. the earlier RoIAlign backward) its parts and whole loss + gradient
+    too, in the same rounds. Returns ``{'parts': [{name, kind, in_total, median_s, times_s, gflop, gflops_per_s,
+    share}], 'whole': {...}, 'train_step': {...}, 'sum_in_total_s': ..., 'baseline': {same keys}}``; ``share`` is
+    the part's median over its whole loss + gradient's median."""
     runners = {p.name: part_runner(p) for p in staged.parts}
     runners["loss + grad (whole)"] = lambda: jax.block_until_ready(whole_compiled(params, batch_stats))
+    if baseline is not None:
+        b_staged, b_whole, b_flops = baseline
+        runners.update({"baseline: " + p.name: part_runner(p) for p in b_staged.parts})
+        runners["baseline: loss + grad (whole)"] = lambda: jax.block_until_ready(b_whole(params, batch_stats))
     if train_step is not None:
         runners["train step (whole)"] = train_step[0]
     times = time_rounds(runners, rounds, warmup)
 
-    def row(name, flops, **extra):
-        med = float(np.median(times[name]))
-        return dict(name=name, median_s=med, times_s=times[name], gflop=flops / 1e9,
+    def row(name, flops, prefix="", **extra):
+        ts = times[prefix + name]
+        med = float(np.median(ts))
+        return dict(name=name, median_s=med, times_s=ts, gflop=flops / 1e9,
                     gflops_per_s=flops / 1e9 / med if med > 0 else 0.0, **extra)
 
-    whole = row("loss + grad (whole)", whole_flops)
-    parts = [row(p.name, p.flops, kind=p.kind, in_total=p.in_total) for p in staged.parts]
-    for r in parts:
-        r["share"] = r["median_s"] / whole["median_s"]
-    out = {"parts": parts, "whole": whole,
-           "sum_in_total_s": sum(r["median_s"] for r in parts if r["in_total"])}
+    def table(st, w_flops, prefix=""):
+        whole = row("loss + grad (whole)", w_flops, prefix)
+        parts = [row(p.name, p.flops, prefix, kind=p.kind, in_total=p.in_total) for p in st.parts]
+        for r in parts:
+            r["share"] = r["median_s"] / whole["median_s"]
+        return {"parts": parts, "whole": whole, "sum_in_total_s": sum(r["median_s"] for r in parts if r["in_total"])}
+
+    out = table(staged, whole_flops)
     if train_step is not None:
         out["train_step"] = row("train step (whole)", train_step[1])
+    if baseline is not None:
+        out["baseline"] = table(b_staged, b_flops, "baseline: ")
     return out
 
 
 def format_train_breakdown(res: dict) -> list[str]:
-    """The breakdown as text lines (a Markdown table)."""
-    lines = ["| part | kind | median | share of loss+grad | GFLOP | GFLOP/s |", "|---|---|---|---|---|---|"]
+    """The breakdown as text lines (a Markdown table; with a baseline, its medians and the ratio beside)."""
+    base = res.get("baseline")
+    bparts = {r["name"]: r for r in base["parts"]} if base else {}
+    head = "| part | kind | median | share of loss+grad | GFLOP | GFLOP/s |"
+    lines = [head + (" baseline median | baseline / this |" if base else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if base else "")]
+
+    def extra(name, med):
+        if not base:
+            return ""
+        b = bparts[name]["median_s"] if name in bparts else base["whole"]["median_s"]
+        return f" {b * 1e3:,.1f} ms | {b / med:.2f}x |"
+
     for r in res["parts"]:
         mark = "" if r["in_total"] else " (not in sum)"
         lines.append(f"| {r['name']} | {r['kind']}{mark} | {r['median_s'] * 1e3:,.1f} ms | {100 * r['share']:.1f}% "
-                     f"| {r['gflop']:,.2f} | {r['gflops_per_s']:,.1f} |")
+                     f"| {r['gflop']:,.2f} | {r['gflops_per_s']:,.1f} |" + extra(r["name"], r["median_s"]))
     w = res["whole"]
-    lines.append(f"| sum of the parts in the sum | | {res['sum_in_total_s'] * 1e3:,.1f} ms | "
-                 f"{100 * res['sum_in_total_s'] / w['median_s']:.1f}% | | |")
+    s = res["sum_in_total_s"]
+    lines.append(f"| sum of the parts in the sum | | {s * 1e3:,.1f} ms | {100 * s / w['median_s']:.1f}% | | |"
+                 + (f" {base['sum_in_total_s'] * 1e3:,.1f} ms | {base['sum_in_total_s'] / s:.2f}x |" if base else ""))
     lines.append(f"| **loss + grad (whole, one jit)** | | {w['median_s'] * 1e3:,.1f} ms | 100% | {w['gflop']:,.2f} "
-                 f"| {w['gflops_per_s']:,.1f} |")
+                 f"| {w['gflops_per_s']:,.1f} |" + extra("loss + grad (whole)", w["median_s"]))
     if "train_step" in res:
         t = res["train_step"]
         lines.append(f"| **train step (whole: + AdamW)** | | {t['median_s'] * 1e3:,.1f} ms | "
-                     f"{100 * t['median_s'] / w['median_s']:.1f}% | {t['gflop']:,.2f} | {t['gflops_per_s']:,.1f} |")
+                     f"{100 * t['median_s'] / w['median_s']:.1f}% | {t['gflop']:,.2f} | {t['gflops_per_s']:,.1f} |"
+                     + (" | |" if base else ""))
     return lines

@@ -103,6 +103,10 @@ def parse_args(argv=None):
                         "(backbone, FPN, RPN head, RPN targets, proposals, RoI sampling, RoIAlign, heads, mask "
                         "targets, losses; lit_jax.benchmarking.staged_train), each part's FLOPs and share, in the "
                         "same alternating rounds as the whole loss + gradient and the whole train step")
+    p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --breakdown: also build the model with this config override (repeatable, e.g. "
+                        "model.train_test.roi_align_backward=rows) and time its parts and whole loss + gradient in "
+                        "the same rounds, on the same weights and batch")
     args, config = cli.parse(p, argv, prepare=_add_perf_switches)
     if args.dtype:
         config.model.dtype = args.dtype
@@ -595,6 +599,8 @@ def measure(args, config) -> list[dict]:
           flush=True)
 
     comparison = None
+    if args.baseline and not args.breakdown:
+        raise SystemExit("error: --baseline is for --mode train --breakdown")
     if args.breakdown:
         if mode != "train":
             raise SystemExit("error: --breakdown is for --mode train (--mode infer --image has its own stages)")
@@ -760,6 +766,25 @@ def measure_train_breakdown(args, config, base: dict, hw, batch: int, rng) -> li
     whole, w_lower, w_compile = compile_timed(jax.jit(staged.whole()), params, batch_stats)
     whole_flops = float(_cost(whole.cost_analysis()).get("flops", 0.0))
     step_flops = float(_cost(compiled_step.cost_analysis()).get("flops", 0.0))
+    baseline = None
+    if args.baseline:
+        import copy
+
+        from lit_jax.config import apply_override
+        from lit_jax.train.trainer import Trainer
+
+        b_config = copy.deepcopy(config)
+        for item in args.baseline:
+            dotted, sep, text = item.removeprefix("--config.").partition("=")
+            if not sep:
+                raise SystemExit(f"error: --baseline takes KEY=VALUE, got {item!r}")
+            apply_override(b_config, dotted, text)
+        b_det = Trainer(b_config, tempfile.mkdtemp(prefix="lit_jax_bench_")).detector  # as the trainer builds it
+        b_staged = staged_train(b_det, {"params": params, "batch_stats": batch_stats}, data, key)
+        b_whole = compile_timed(jax.jit(b_staged.whole()), params, batch_stats)[0]
+        baseline = (b_staged, b_whole, float(_cost(b_whole.cost_analysis()).get("flops", 0.0)))
+        b_check = compare_composed(b_staged, b_whole, params, batch_stats)
+        print(f"baseline ({', '.join(args.baseline)}): loss {b_check['loss']:.6f}", flush=True)
     check = compare_composed(staged, whole, params, batch_stats)
     print(f"parts composed vs the whole loss + grad: loss {check['loss']:.6f}, rel diff {check['loss_rel_diff']:.1e}; "
           f"max grad diff / max |grad| {check['grad_max_diff_rel']:.1e} (at {check['grad_worst_leaf']})", flush=True)
@@ -770,7 +795,7 @@ def measure_train_breakdown(args, config, base: dict, hw, batch: int, rng) -> li
         carry["state"] = jax.block_until_ready(new)
 
     res = train_breakdown(staged, whole, whole_flops, params, batch_stats, args.steps, args.warmup,
-                          train_step=(step, step_flops))
+                          train_step=(step, step_flops), baseline=baseline)
     print(f"{len(staged.parts)} parts compiled in {parts_compile_s:.1f} s; whole loss + grad {w_lower + w_compile:.1f} s;"
           f" train step {lower_s + compile_s:.1f} s; medians of {args.steps} alternating rounds, load now "
           f"{os.getloadavg()[0]:.2f}:", flush=True)
@@ -778,7 +803,7 @@ def measure_train_breakdown(args, config, base: dict, hw, batch: int, rng) -> li
         print(line, flush=True)
     rec = record(base, "jax", "train step breakdown (Mask R-CNN loss + grad in separately jitted parts)",
                  {"step_s": res["whole"]["times_s"], "cpu_s": [], "warmup_s": []}, batch, breakdown=res,
-                 composed_check=check, parts_compile_s=parts_compile_s, whole_compile_s=w_lower + w_compile,
+                 composed_check=check, baseline_overrides=args.baseline, parts_compile_s=parts_compile_s, whole_compile_s=w_lower + w_compile,
                  train_step_compile_s=lower_s + compile_s, flops_per_image=whole_flops / batch,
                  loadavg_1m_end=os.getloadavg()[0])
     return [rec]

@@ -117,6 +117,9 @@ class MaskRCNNConfig:
     # library default (roi_align module docstring), which bounds the backward's cost and memory.
     roi_max_samples_test: Optional[int] = 16
     roi_max_samples_train: Optional[int] = None
+    # RoIAlign's gradient (training): 'compact' scatters only the samples each RoI uses; 'rows' (the earlier one)
+    # every RoI in each step of the batch's largest sample grid. Same values up to addition order.
+    roi_align_backward: str = "compact"
     # train: RPN targets (MaxIoU + RandomSampler) and the proposals handed to the RoI head
     rpn_pos_iou_thr: float = 0.7
     rpn_neg_iou_thr: float = 0.3
@@ -192,7 +195,8 @@ class MaskRCNN:
     def _roi_features(self, feats, rois, out: int, train: bool):
         cap = self.cfg.roi_max_samples_train if train else self.cfg.roi_max_samples_test
         return multilevel_roi_align(feats[:4], rois, out, strides=ROI_STRIDES, finest_scale=self.cfg.finest_scale,
-                                    sampling_ratio=0, aligned=True, max_samples=cap)
+                                    sampling_ratio=0, aligned=True, max_samples=cap,
+                                    backward=self.cfg.roi_align_backward)
 
     # -- stages ------------------------------------------------------------------------------------------
     def proposals(self, rpn_out, canvas_hw, img_shape, *, nms_pre: Optional[int] = None,
