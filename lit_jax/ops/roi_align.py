@@ -49,10 +49,16 @@ sample grid gathers, per step, the 4 corner ``C``-vectors of that sample in ever
 the batch NEEDS, ``max(grid_h) * max(grid_w)``, not the static ``Gh * Gw``: a cap of 16 costs nothing unless a roi
 uses it. (An earlier version looped over all ``Gh * Gw`` steps and skipped the unneeded ones with ``lax.cond``;
 XLA:CPU copied the accumulator in every skipped step, 256 x 50 MB for 1000 rois at 7x7 with the test cap 16.)
-Reverse mode goes through a custom VJP (a dynamic trip count is not reverse-differentiable): the transpose, one
-scatter-add per step over the same steps (mmcv's CUDA backward does the same atomicAdds). Cost: ``4 * R * oh * ow
-* C`` reads per step (R=1000, 7x7, C=256: 50 M floats), mostly cache hits since neighbouring samples share pixels;
-peak memory is one step. The per-axis weights are built separably (``wy * wx``, equal to mmcv's ``hy * hx``
+Reverse mode goes through a custom VJP (a dynamic trip count is not reverse-differentiable): the transpose, the
+same corners scatter-added (mmcv's CUDA backward does the same atomicAdds). Cost: ``4 * R * oh * ow * C`` reads per
+step (R=1000, 7x7, C=256: 50 M floats), mostly cache hits since neighbouring samples share pixels; peak memory is one
+step. The backward packs the (roi, sample) pairs that the rois USE into chunks of ``R`` (``backward='compact'``,
+default): ``ceil(sum_r gh_r * gw_r / R)`` scatter steps, the mean grid instead of the largest one; looping over the
+forward's ``max(gh) * max(gw)`` steps with every roi in every step (``'rows'``) scattered mostly zeros, since one
+elongated or large roi sets the trip count for all (XLA:CPU's scatter-add costs ~5-10x the gather of the same rows,
+so this was the dominant cost of the Mask R-CNN RoIAlign gradient; docs/benchmarks.md, issue 16 item 4). Scattering
+one ``2 x 2 x C`` window per sample into a padded 2-D copy of the levels instead of four rows was measured no faster
+on XLA:CPU and is not kept. The per-axis weights are built separably (``wy * wx``, equal to mmcv's ``hy * hx``
 products since the validity masks are 0/1).
 
 Rejected alternatives: (1) one gather over the whole ``(R, oh, Gh, 2, ow, Gw, 2, C)`` sample set and one reduction
