@@ -238,9 +238,7 @@ class StagedTrain:
 
     # Each function below is one part; ``_compile`` lowers it on its real arguments once.
     def _compile(self, fn, *args):
-        t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
-        self.compile_s[fn] = time.perf_counter() - t0
         return compiled, _flops(compiled)
 
     def _build(self, variables):
@@ -307,7 +305,6 @@ class StagedTrain:
         )
         self.losses_vg = jax.value_and_grad(losses, argnums=(0, 1, 2, 3, 4), has_aux=True)
         self.compiled = {}
-        self.compile_s = {}
         self.parts = []
         self._run(variables["params"], variables.get("batch_stats", {}), record=True)
 

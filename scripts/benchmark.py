@@ -18,6 +18,12 @@ Modes (the config's ``model`` section builds the model; random weights, syntheti
             0 means no recompilation). Rounds alternate end to end / stages (/ torch forward).
   train     the jitted train step of ``lit_jax.train.trainer`` (``Trainer.init_state`` /
             ``make_train_step``: AdamW, donated state) on a synthetic batch (boxes; 56x56 mask crops for Mask R-CNN).
+  train --breakdown  (Mask R-CNN) the loss + gradient split into separately compiled parts (backbone, FPN, RPN
+            head: forward and forward+backward; RPN targets, proposals, RoI assign + sample, mask targets; bbox / mask
+            RoIAlign and heads: forward and forward+backward; losses; ``lit_jax.benchmarking.staged_train``), timed
+            with the whole ``jit(value_and_grad(loss))`` and the whole train step in alternating rounds: each part's
+            median, share, FLOPs and FLOP/s, and a check that the parts composed give the whole's loss and gradients.
+            ``--baseline KEY=VALUE``: a second build of the model with that config override, timed in the same rounds.
 
 Per measurement: lower + compile time (no persistent compilation cache unless JAX_COMPILATION_CACHE_DIR is set;
 recorded), warm-up steps, then ``--steps`` timed steps, each ended by ``block_until_ready``: median, p10 / p90
@@ -796,14 +802,16 @@ def measure_train_breakdown(args, config, base: dict, hw, batch: int, rng) -> li
 
     res = train_breakdown(staged, whole, whole_flops, params, batch_stats, args.steps, args.warmup,
                           train_step=(step, step_flops), baseline=baseline)
-    print(f"{len(staged.parts)} parts compiled in {parts_compile_s:.1f} s; whole loss + grad {w_lower + w_compile:.1f} s;"
+    print(f"{len(staged.parts)} parts compiled in {parts_compile_s:.1f} s; whole loss + grad "
+          f"{w_lower + w_compile:.1f} s;"
           f" train step {lower_s + compile_s:.1f} s; medians of {args.steps} alternating rounds, load now "
           f"{os.getloadavg()[0]:.2f}:", flush=True)
     for line in format_train_breakdown(res):
         print(line, flush=True)
     rec = record(base, "jax", "train step breakdown (Mask R-CNN loss + grad in separately jitted parts)",
                  {"step_s": res["whole"]["times_s"], "cpu_s": [], "warmup_s": []}, batch, breakdown=res,
-                 composed_check=check, baseline_overrides=args.baseline, parts_compile_s=parts_compile_s, whole_compile_s=w_lower + w_compile,
+                 composed_check=check, baseline_overrides=args.baseline, parts_compile_s=parts_compile_s,
+                 whole_compile_s=w_lower + w_compile,
                  train_step_compile_s=lower_s + compile_s, flops_per_image=whole_flops / batch,
                  loadavg_1m_end=os.getloadavg()[0])
     return [rec]

@@ -55,7 +55,7 @@ step (R=1000, 7x7, C=256: 50 M floats), mostly cache hits since neighbouring sam
 step. The backward packs the (roi, sample) pairs that the rois USE into chunks of ``R`` (``backward='compact'``,
 default): ``ceil(sum_r gh_r * gw_r / R)`` scatter steps, the mean grid instead of the largest one; looping over the
 forward's ``max(gh) * max(gw)`` steps with every roi in every step (``'rows'``) scattered mostly zeros, since one
-elongated or large roi sets the trip count for all (XLA:CPU's scatter-add costs ~5-10x the gather of the same rows,
+elongated or large roi sets the trip count for all (XLA:CPU's scatter-add costs ~10x the gather of the same rows,
 so this was the dominant cost of the Mask R-CNN RoIAlign gradient; docs/benchmarks.md, issue 16 item 4). Scattering
 one ``2 x 2 x C`` window per sample into a padded 2-D copy of the levels instead of four rows was measured no faster
 on XLA:CPU and is not kept. The per-axis weights are built separably (``wy * wx``, equal to mmcv's ``hy * hx``

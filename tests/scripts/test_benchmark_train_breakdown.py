@@ -122,4 +122,5 @@ def test_benchmark_train_breakdown_on_the_synthetic_config(tmp_path, capsys):
     assert rec["composed_check"]["grad_max_diff_rel"] <= 1e-3  # LIT's DCN and the mask head: see docs/benchmarks.md
     bd = rec["breakdown"]
     assert [r["name"] for r in bd["parts"]] == PARTS and [r["name"] for r in bd["baseline"]["parts"]] == PARTS
-    assert bd["train_step"]["median_s"] > 0 and rec["baseline_overrides"] == ["model.train_test.roi_align_backward=rows"]
+    assert bd["train_step"]["median_s"] > 0
+    assert rec["baseline_overrides"] == ["model.train_test.roi_align_backward=rows"]
