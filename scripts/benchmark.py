@@ -18,6 +18,12 @@ Modes (the config's ``model`` section builds the model; random weights, syntheti
             0 means no recompilation). Rounds alternate end to end / stages (/ torch forward).
   train     the jitted train step of ``lit_jax.train.trainer`` (``Trainer.init_state`` /
             ``make_train_step``: AdamW, donated state) on a synthetic batch (boxes; 56x56 mask crops for Mask R-CNN).
+  train --breakdown  (Mask R-CNN) the loss + gradient split into separately compiled parts (backbone, FPN, RPN
+            head: forward and forward+backward; RPN targets, proposals, RoI assign + sample, mask targets; bbox / mask
+            RoIAlign and heads: forward and forward+backward; losses; ``lit_jax.benchmarking.staged_train``), timed
+            with the whole ``jit(value_and_grad(loss))`` and the whole train step in alternating rounds: each part's
+            median, share, FLOPs and FLOP/s, and a check that the parts composed give the whole's loss and gradients.
+            ``--baseline KEY=VALUE``: a second build of the model with that config override, timed in the same rounds.
 
 Per measurement: lower + compile time (no persistent compilation cache unless JAX_COMPILATION_CACHE_DIR is set;
 recorded), warm-up steps, then ``--steps`` timed steps, each ended by ``block_until_ready``: median, p10 / p90
@@ -98,6 +104,15 @@ def parse_args(argv=None):
     p.add_argument("--image", default=None,
                    help="infer mode: time the whole user path on this image file (decode, resize, normalise, pad, "
                         "predict, mask paste, results on the host) with a per-stage breakdown")
+    p.add_argument("--breakdown", action="store_true",
+                   help="train mode, Mask R-CNN: also time the loss + gradient split into separately jitted parts "
+                        "(backbone, FPN, RPN head, RPN targets, proposals, RoI sampling, RoIAlign, heads, mask "
+                        "targets, losses; lit_jax.benchmarking.staged_train), each part's FLOPs and share, in the "
+                        "same alternating rounds as the whole loss + gradient and the whole train step")
+    p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --breakdown: also build the model with this config override (repeatable, e.g. "
+                        "model.train_test.roi_align_backward=rows) and time its parts and whole loss + gradient in "
+                        "the same rounds, on the same weights and batch")
     args, config = cli.parse(p, argv, prepare=_add_perf_switches)
     if args.dtype:
         config.model.dtype = args.dtype
@@ -357,8 +372,10 @@ def setup_train(config, images, rng) -> Setup:
                                  int(config.model.num_classes), keys, int(config.data.get("mask_size", 56)))
     host["images"] = images
     data = jax.device_put(host, sharding.data_sharded(trainer.mesh))
-    return Setup("train step (forward, backward, AdamW update; state donated)", lambda cfg: build(cfg)[2],
-                 (state, data), batch)
+    setup = Setup("train step (forward, backward, AdamW update; state donated)", lambda cfg: build(cfg)[2],
+                  (state, data), batch)
+    setup.detector = trainer.detector
+    return setup
 
 
 # -- the PyTorch reference -----------------------------------------------------------------------------------------
@@ -518,7 +535,7 @@ def record(base: dict, framework: str, what: str, timing: dict, images_per_step:
         "step_s": stats,
         "step_times_s": [round(t, 6) for t in timing["step_s"]],
         "warmup_s": [round(t, 6) for t in timing["warmup_s"]],
-        "cpu_s_median": statistics.median(timing["cpu_s"]),
+        "cpu_s_median": statistics.median(timing["cpu_s"]) if timing["cpu_s"] else None,
         "images_per_s": images_per_step / stats["median"],
     })
     rec.update(extra)
@@ -588,6 +605,15 @@ def measure(args, config) -> list[dict]:
           flush=True)
 
     comparison = None
+    if args.baseline and not args.breakdown:
+        raise SystemExit("error: --baseline is for --mode train --breakdown")
+    if args.breakdown:
+        if mode != "train":
+            raise SystemExit("error: --breakdown is for --mode train (--mode infer --image has its own stages)")
+        records = measure_train_breakdown(args, config, base, hw, batch, rng)
+        append_jsonl(args.out, records)
+        print(f"appended {len(records)} record(s) to {args.out}")
+        return records
     if args.image:
         if mode != "infer":
             raise SystemExit("error: --image is for --mode infer")
@@ -719,6 +745,76 @@ def measure_image(args, config, base: dict) -> list[dict]:
         print(describe(recs[-1]), flush=True)
         print(f"torch network forward / jax end to end (median): {ratio:.2f}x", flush=True)
     return recs
+
+
+def measure_train_breakdown(args, config, base: dict, hw, batch: int, rng) -> list[dict]:
+    """``--mode train --breakdown``: the parts of the Mask R-CNN loss + gradient, the whole loss + gradient and the
+    whole train step, alternating rounds (``lit_jax.benchmarking.train_breakdown``); one record."""
+    import jax
+    import jax.numpy as jnp
+
+    from lit_jax.benchmarking import compare_composed, format_train_breakdown, staged_train, train_breakdown
+
+    if config.model.get("type", "retinanet") != "mask_rcnn":
+        raise SystemExit(f"error: --breakdown splits the Mask R-CNN train step; {args.config} builds a "
+                         f"{config.model.get('type', 'retinanet')} (time its whole train step without --breakdown)")
+    setup = setup_train(config, synthetic_images(rng, batch, hw), rng)
+    compiled_step, lower_s, compile_s = compile_timed(setup.build(config), *setup.args)
+    state, data = setup.args
+    trainer_det = setup.detector
+    # The train step donates the state: the parts and the whole loss get their own copy of the variables.
+    params = jax.tree_util.tree_map(jnp.copy, state.params)
+    batch_stats = jax.tree_util.tree_map(jnp.copy, state.batch_stats)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)  # the train step's first key
+    t0 = time.perf_counter()
+    staged = staged_train(trainer_det, {"params": params, "batch_stats": batch_stats}, data, key)
+    parts_compile_s = time.perf_counter() - t0
+    whole, w_lower, w_compile = compile_timed(jax.jit(staged.whole()), params, batch_stats)
+    whole_flops = float(_cost(whole.cost_analysis()).get("flops", 0.0))
+    step_flops = float(_cost(compiled_step.cost_analysis()).get("flops", 0.0))
+    baseline = None
+    if args.baseline:
+        import copy
+
+        from lit_jax.config import apply_override
+        from lit_jax.train.trainer import Trainer
+
+        b_config = copy.deepcopy(config)
+        for item in args.baseline:
+            dotted, sep, text = item.removeprefix("--config.").partition("=")
+            if not sep:
+                raise SystemExit(f"error: --baseline takes KEY=VALUE, got {item!r}")
+            apply_override(b_config, dotted, text)
+        b_det = Trainer(b_config, tempfile.mkdtemp(prefix="lit_jax_bench_")).detector  # as the trainer builds it
+        b_staged = staged_train(b_det, {"params": params, "batch_stats": batch_stats}, data, key)
+        b_whole = compile_timed(jax.jit(b_staged.whole()), params, batch_stats)[0]
+        baseline = (b_staged, b_whole, float(_cost(b_whole.cost_analysis()).get("flops", 0.0)))
+        b_check = compare_composed(b_staged, b_whole, params, batch_stats)
+        print(f"baseline ({', '.join(args.baseline)}): loss {b_check['loss']:.6f}", flush=True)
+    check = compare_composed(staged, whole, params, batch_stats)
+    print(f"parts composed vs the whole loss + grad: loss {check['loss']:.6f}, rel diff {check['loss_rel_diff']:.1e}; "
+          f"max grad diff / max |grad| {check['grad_max_diff_rel']:.1e} (at {check['grad_worst_leaf']})", flush=True)
+    carry = {"state": state}
+
+    def step():
+        new, _ = compiled_step(carry["state"], data)
+        carry["state"] = jax.block_until_ready(new)
+
+    res = train_breakdown(staged, whole, whole_flops, params, batch_stats, args.steps, args.warmup,
+                          train_step=(step, step_flops), baseline=baseline)
+    print(f"{len(staged.parts)} parts compiled in {parts_compile_s:.1f} s; whole loss + grad "
+          f"{w_lower + w_compile:.1f} s;"
+          f" train step {lower_s + compile_s:.1f} s; medians of {args.steps} alternating rounds, load now "
+          f"{os.getloadavg()[0]:.2f}:", flush=True)
+    for line in format_train_breakdown(res):
+        print(line, flush=True)
+    rec = record(base, "jax", "train step breakdown (Mask R-CNN loss + grad in separately jitted parts)",
+                 {"step_s": res["whole"]["times_s"], "cpu_s": [], "warmup_s": []}, batch, breakdown=res,
+                 composed_check=check, baseline_overrides=args.baseline, parts_compile_s=parts_compile_s,
+                 whole_compile_s=w_lower + w_compile,
+                 train_step_compile_s=lower_s + compile_s, flops_per_image=whole_flops / batch,
+                 loadavg_1m_end=os.getloadavg()[0])
+    return [rec]
 
 
 def compare(cmp: TorchComparison, config, hw, base: dict, args, setup: Setup, main=None) -> list[dict]:

@@ -117,6 +117,9 @@ class MaskRCNNConfig:
     # library default (roi_align module docstring), which bounds the backward's cost and memory.
     roi_max_samples_test: Optional[int] = 16
     roi_max_samples_train: Optional[int] = None
+    # RoIAlign's gradient (training): 'compact' scatters only the samples each RoI uses; 'rows' (the earlier one)
+    # every RoI in each step of the batch's largest sample grid. Same values up to addition order.
+    roi_align_backward: str = "compact"
     # train: RPN targets (MaxIoU + RandomSampler) and the proposals handed to the RoI head
     rpn_pos_iou_thr: float = 0.7
     rpn_neg_iou_thr: float = 0.3
@@ -192,7 +195,8 @@ class MaskRCNN:
     def _roi_features(self, feats, rois, out: int, train: bool):
         cap = self.cfg.roi_max_samples_train if train else self.cfg.roi_max_samples_test
         return multilevel_roi_align(feats[:4], rois, out, strides=ROI_STRIDES, finest_scale=self.cfg.finest_scale,
-                                    sampling_ratio=0, aligned=True, max_samples=cap)
+                                    sampling_ratio=0, aligned=True, max_samples=cap,
+                                    backward=self.cfg.roi_align_backward)
 
     # -- stages ------------------------------------------------------------------------------------------
     def proposals(self, rpn_out, canvas_hw, img_shape, *, nms_pre: Optional[int] = None,
@@ -251,10 +255,7 @@ class MaskRCNN:
 
         aux: the five terms, ``num_pos`` (positive RoIs), ``num_rpn_pos``, ``batch_stats``.
         """
-        cfg = self.cfg
         images = batch["images"]
-        b = images.shape[0]
-        g = cfg.loss_group_size or b
         rng = jax.random.PRNGKey(0) if rng is None else rng
         k_drop, k_rpn, k_roi = jax.random.split(rng, 3)
         if train:
@@ -262,18 +263,31 @@ class MaskRCNN:
         else:
             feats, (rpn_logits, rpn_deltas) = self.forward(variables, images)
             batch_stats = variables.get("batch_stats", {})
-        gt_boxes = batch["gt_boxes"].astype(jnp.float32)
-        gt_labels = batch["gt_labels"].astype(jnp.int32)
-        gt_valid = batch["gt_valid"].astype(bool)
-        pad_shape = batch["pad_shape"]
-
-        def per_group(x):  # (B, ...) -> (B / g,)
-            return group_sums(x, g)
-
-        # RPN: sampled anchors.
         canvas = images.shape[1:3]
-        anchors = jnp.asarray(np.concatenate(self.anchors(canvas)))
-        feat_hws = feature_sizes(canvas, self.anchor_cfg.strides)
+        t = self.rpn_train_targets(k_rpn, canvas, batch)
+        loss_rpn_cls, loss_rpn_bbox = self.rpn_losses(rpn_logits, rpn_deltas, t)
+        props, prop_valid = self.train_proposals(rpn_logits, rpn_deltas, canvas, batch["img_shape"])
+        s = self.sample_train_rois(k_roi, props, prop_valid, batch)
+        cls_score, bbox_pred = self.bbox_forward(variables, feats, self.bbox_train_rois(s), train=True)
+        targets = self.mask_train_targets(batch, s)
+        mask_logits = self.mask_forward(variables, feats, self.mask_train_rois(s), train=True)
+        loss_cls, loss_bbox, loss_mask = self.rcnn_losses(cls_score, bbox_pred, mask_logits, s, targets)
+        terms = {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_bbox": loss_rpn_bbox, "loss_cls": loss_cls,
+                 "loss_bbox": loss_bbox, "loss_mask": loss_mask}
+        total = sum(terms.values())
+        aux = dict(terms, num_pos=jnp.sum(s.num_pos), num_rpn_pos=jnp.sum(t.num_pos), batch_stats=batch_stats)
+        return total, aux
+
+    # The stages of :meth:`loss`, in its order (``lit_jax.benchmarking.staged_train`` jits each on its own).
+    def _group(self, b: int) -> int:
+        return self.cfg.loss_group_size or b
+
+    def rpn_train_targets(self, key, canvas_hw, batch):
+        """RPN anchor assignment (MaxIoU) + sampling per image: batched :class:`RPNTargets`."""
+        cfg = self.cfg
+        b = batch["gt_boxes"].shape[0]
+        anchors = jnp.asarray(np.concatenate(self.anchors(canvas_hw)))
+        feat_hws = feature_sizes(canvas_hw, self.anchor_cfg.strides)
         num_base = self.anchor_cfg.num_base_anchors
 
         def rpn_one(key, pad_hw, boxes, valid):
@@ -282,20 +296,32 @@ class MaskRCNN:
                                neg_iou_thr=cfg.rpn_neg_iou_thr, min_pos_iou=cfg.rpn_min_pos_iou,
                                num=cfg.rpn_num_samples, pos_fraction=cfg.rpn_pos_fraction)
 
-        t = jax.vmap(rpn_one)(jax.random.split(k_rpn, b), pad_shape, gt_boxes, gt_valid)
+        return jax.vmap(rpn_one)(jax.random.split(key, b), batch["pad_shape"], batch["gt_boxes"].astype(jnp.float32),
+                                 batch["gt_valid"].astype(bool))
+
+    def rpn_losses(self, rpn_logits, rpn_deltas, t):
+        """``(loss_rpn_cls, loss_rpn_bbox)`` on the sampled anchors (normalised per loss group)."""
+        b = t.indices.shape[0]
+        per_group = lambda x: group_sums(x, self._group(b))  # noqa: E731  (B, ...) -> (B / g,)
         logits = jnp.take_along_axis(jnp.concatenate(rpn_logits, axis=1), t.indices, axis=1)  # (B, S)
         deltas = jnp.take_along_axis(jnp.concatenate(rpn_deltas, axis=1), t.indices[..., None], axis=1)
         rpn_cls = jnp.where(t.valid, binary_cross_entropy_with_logits(logits, t.is_pos), 0.0)
         rpn_reg = jnp.where(t.is_pos[..., None], l1_loss(deltas, t.deltas), 0.0)
         rpn_norm = per_group(jnp.maximum(t.num_pos, 1)) + per_group(jnp.maximum(t.num_neg, 1))
-        loss_rpn_cls = jnp.mean(per_group(rpn_cls) / rpn_norm)
-        loss_rpn_bbox = jnp.mean(per_group(rpn_reg) / rpn_norm)
+        return jnp.mean(per_group(rpn_cls) / rpn_norm), jnp.mean(per_group(rpn_reg) / rpn_norm)
 
-        # Proposals (no gradient), then the RoI sample with the gts added as candidates.
+    def train_proposals(self, rpn_logits, rpn_deltas, canvas_hw, img_shape):
+        """Training proposals (no gradient): ``(boxes (B, P, 4), valid (B, P))``."""
+        cfg = self.cfg
         props, _, prop_valid = self.proposals(
-            (jax.lax.stop_gradient(rpn_logits), jax.lax.stop_gradient(rpn_deltas)), canvas,
-            batch["img_shape"].astype(jnp.float32), nms_pre=cfg.rpn_train_nms_pre,
-            max_per_img=cfg.rpn_train_max_per_img)
+            (jax.lax.stop_gradient(rpn_logits), jax.lax.stop_gradient(rpn_deltas)), canvas_hw,
+            img_shape.astype(jnp.float32), nms_pre=cfg.rpn_train_nms_pre, max_per_img=cfg.rpn_train_max_per_img)
+        return props, prop_valid
+
+    def sample_train_rois(self, key, props, prop_valid, batch):
+        """RoI assignment + sampling with the gts added as candidates: batched :class:`RoISample`."""
+        cfg = self.cfg
+        b = props.shape[0]
 
         def roi_one(key, p, pv, boxes, labels, valid):
             return sample_rois(key, p, pv, boxes, labels, valid, num_classes=cfg.num_classes,
@@ -303,11 +329,41 @@ class MaskRCNN:
                                min_pos_iou=cfg.rcnn_min_pos_iou, num=cfg.rcnn_num_samples,
                                pos_fraction=cfg.rcnn_pos_fraction, target_stds=RCNN_STDS)
 
-        s = jax.vmap(roi_one)(jax.random.split(k_roi, b), props, prop_valid, gt_boxes, gt_labels, gt_valid)
-        n = s.rois.shape[1]
+        return jax.vmap(roi_one)(jax.random.split(key, b), props, prop_valid, batch["gt_boxes"].astype(jnp.float32),
+                                 batch["gt_labels"].astype(jnp.int32), batch["gt_valid"].astype(bool))
+
+    @staticmethod
+    def bbox_train_rois(s):
+        """The sampled RoIs as ``(B * S, 5)`` ``[b, x1, y1, x2, y2]`` (detached)."""
+        b, n = s.rois.shape[:2]
         bidx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), n)[:, None]
-        rois = jnp.concatenate([bidx, jax.lax.stop_gradient(s.rois).reshape(b * n, 4)], axis=1)
-        cls_score, bbox_pred = self.bbox_forward(variables, feats, rois, train=True)
+        return jnp.concatenate([bidx, jax.lax.stop_gradient(s.rois).reshape(b * n, 4)], axis=1)
+
+    def _num_mask_rois(self) -> int:
+        # The positive slots: the first int(num * pos_fraction) slots hold every positive.
+        return int(self.cfg.rcnn_num_samples * self.cfg.rcnn_pos_fraction)
+
+    def mask_train_rois(self, s):
+        """The mask branch's RoIs, ``(B * M, 5)``: the first ``M`` sampled slots of each image."""
+        b, m = s.rois.shape[0], self._num_mask_rois()
+        mrois_img = jax.lax.stop_gradient(s.rois[:, :m])
+        midx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), m)[:, None]
+        return jnp.concatenate([midx, mrois_img.reshape(b * m, 4)], 1)
+
+    def mask_train_targets(self, batch, s):
+        """28x28 mask targets of the mask RoIs, ``(B, M, 28, 28)``, resampled from the batch's GT crops."""
+        m = self._num_mask_rois()
+        mrois_img = jax.lax.stop_gradient(s.rois[:, :m])
+        return batched_mask_targets_from_crops(batch["gt_masks"], batch["gt_boxes"].astype(jnp.float32), mrois_img,
+                                               s.gt_index[:, :m], batch["pad_shape"], out_size=28,
+                                               crop_scale=self.cfg.gt_mask_scale)
+
+    def rcnn_losses(self, cls_score, bbox_pred, mask_logits, s, targets):
+        """``(loss_cls, loss_bbox, loss_mask)`` from the RoI heads' outputs and the sample's targets."""
+        cfg = self.cfg
+        b, n = s.rois.shape[:2]
+        m = self._num_mask_rois()
+        per_group = lambda x: group_sums(x, self._group(b))  # noqa: E731
         ce = jnp.where(s.valid, softmax_cross_entropy(cls_score.reshape(b, n, -1), s.labels), 0.0)
         pred = bbox_pred.reshape(b, n, cfg.num_classes, 4)
         label_pred = jnp.take_along_axis(pred, jnp.minimum(s.labels, cfg.num_classes - 1)[..., None, None],
@@ -317,27 +373,14 @@ class MaskRCNN:
         loss_cls = jnp.mean(per_group(ce) / num_rois)
         loss_bbox = jnp.mean(per_group(reg) / num_rois)
 
-        # Masks on the positive slots (the first int(num * pos_fraction) slots hold every positive).
-        m = int(cfg.rcnn_num_samples * cfg.rcnn_pos_fraction)
-        mrois_img = jax.lax.stop_gradient(s.rois[:, :m])
         mpos = s.is_pos[:, :m]
-        targets = batched_mask_targets_from_crops(batch["gt_masks"], gt_boxes, mrois_img, s.gt_index[:, :m],
-                                                  pad_shape, out_size=28, crop_scale=cfg.gt_mask_scale)
-        midx = jnp.repeat(jnp.arange(b, dtype=jnp.float32), m)[:, None]
-        mask_logits = self.mask_forward(variables, feats, jnp.concatenate([midx, mrois_img.reshape(b * m, 4)], 1),
-                                        train=True)
         labels = jnp.minimum(s.labels[:, :m], cfg.num_classes - 1).reshape(b * m)
         label_logits = jnp.take_along_axis(mask_logits, labels[:, None, None, None], axis=3)[..., 0]
         bce = binary_cross_entropy_with_logits(label_logits.reshape(b, m, 28, 28), targets)
         bce = jnp.where(mpos[..., None, None], bce, 0.0)
         mask_norm = jnp.maximum(per_group(mpos) * 28 * 28, 1).astype(jnp.float32)
         loss_mask = jnp.mean(per_group(bce) / mask_norm)
-
-        terms = {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_bbox": loss_rpn_bbox, "loss_cls": loss_cls,
-                 "loss_bbox": loss_bbox, "loss_mask": loss_mask}
-        total = sum(terms.values())
-        aux = dict(terms, num_pos=jnp.sum(s.num_pos), num_rpn_pos=jnp.sum(t.num_pos), batch_stats=batch_stats)
-        return total, aux
+        return loss_cls, loss_bbox, loss_mask
 
     # -- inference ---------------------------------------------------------------------------------------
     def predict(self, variables, images, image_info: Mapping[str, jnp.ndarray]) -> DetectorOutput:

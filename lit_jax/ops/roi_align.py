@@ -49,10 +49,16 @@ sample grid gathers, per step, the 4 corner ``C``-vectors of that sample in ever
 the batch NEEDS, ``max(grid_h) * max(grid_w)``, not the static ``Gh * Gw``: a cap of 16 costs nothing unless a roi
 uses it. (An earlier version looped over all ``Gh * Gw`` steps and skipped the unneeded ones with ``lax.cond``;
 XLA:CPU copied the accumulator in every skipped step, 256 x 50 MB for 1000 rois at 7x7 with the test cap 16.)
-Reverse mode goes through a custom VJP (a dynamic trip count is not reverse-differentiable): the transpose, one
-scatter-add per step over the same steps (mmcv's CUDA backward does the same atomicAdds). Cost: ``4 * R * oh * ow
-* C`` reads per step (R=1000, 7x7, C=256: 50 M floats), mostly cache hits since neighbouring samples share pixels;
-peak memory is one step. The per-axis weights are built separably (``wy * wx``, equal to mmcv's ``hy * hx``
+Reverse mode goes through a custom VJP (a dynamic trip count is not reverse-differentiable): the transpose, the
+same corners scatter-added (mmcv's CUDA backward does the same atomicAdds). Cost: ``4 * R * oh * ow * C`` reads per
+step (R=1000, 7x7, C=256: 50 M floats), mostly cache hits since neighbouring samples share pixels; peak memory is one
+step. The backward packs the (roi, sample) pairs that the rois USE into chunks of ``R`` (``backward='compact'``,
+default): ``ceil(sum_r gh_r * gw_r / R)`` scatter steps, the mean grid instead of the largest one; looping over the
+forward's ``max(gh) * max(gw)`` steps with every roi in every step (``'rows'``) scattered mostly zeros, since one
+elongated or large roi sets the trip count for all (XLA:CPU's scatter-add costs ~10x the gather of the same rows,
+so this was the dominant cost of the Mask R-CNN RoIAlign gradient; docs/benchmarks.md, issue 16 item 4). Scattering
+one ``2 x 2 x C`` window per sample into a padded 2-D copy of the levels instead of four rows was measured no faster
+on XLA:CPU and is not kept. The per-axis weights are built separably (``wy * wx``, equal to mmcv's ``hy * hx``
 products since the validity masks are 0/1).
 
 Rejected alternatives: (1) one gather over the whole ``(R, oh, Gh, 2, ow, Gw, 2, C)`` sample set and one reduction
@@ -179,7 +185,8 @@ def _axis_samples(start, bin_size, grid, size, n_out: int, g_max: int):
     return lo, hi, w_lo, w_hi
 
 
-def _pool(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int, int], g_max: Tuple[int, int]):
+def _pool(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int, int], g_max: Tuple[int, int],
+          backward: str = "compact"):
     """Average-pool every roi from the flat ``(N, C)`` table: a loop over the sample grid the batch needs.
 
     ``base`` (R,) int32: table row of pixel (0, 0) of the roi's (batch, level); ``level_h/w`` (R,) int32;
@@ -188,8 +195,11 @@ def _pool(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int,
     Step ``t`` of ``max(gh) * max(gw)`` (a data-dependent trip count; the static ``Gh x Gw`` only bounds it)
     gathers the 4 corners of sample ``(t // max(gw), t % max(gw))`` of every bin of every roi and adds
     ``w1 v1 + w2 v2 + w3 v3 + w4 v4`` to the accumulator (mmcv's order). Peak memory is one step's gathers;
-    the backward (:func:`_gather_sum`'s custom VJP) is the transpose, a scatter-add per step, with the same
-    trip count.
+    the backward (:func:`_gather_sum`'s custom VJP) is the transpose: scatter-adds of the same corners.
+    ``backward='compact'`` (default) scatters only the samples each roi uses, packed into chunks of ``R``
+    (roi, sample) pairs; ``'rows'`` (the earlier backward, kept for comparison) loops over the same
+    ``max(gh) * max(gw)`` steps as the forward, every roi in every step (zero weights where a roi's own grid is
+    smaller). Same sums, different addition order.
     """
     oh, ow = out_hw
     gh_max, gw_max = g_max
@@ -200,7 +210,10 @@ def _pool(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int,
     wy = jnp.stack([wylo, wyhi], -1)
     wx = jnp.stack([wxlo, wxhi], -1)
     need = jnp.stack([jnp.max(grids[0], initial=0), jnp.max(grids[1], initial=0)])
-    acc = _gather_sum((tuple(table.shape), jnp.dtype(table.dtype).name), table, rows, cols, wy, wx, need)
+    if backward not in ("compact", "rows"):
+        raise ValueError(f"backward must be 'compact' or 'rows', got {backward!r}")
+    spec = (tuple(table.shape), jnp.dtype(table.dtype).name, backward)
+    acc = _gather_sum(spec, table, rows, cols, wy, wx, need, grids[0], grids[1])
     count = jnp.maximum(grids[0] * grids[1], 1).astype(jnp.float32)
     return acc / count[:, None, None, None]
 
@@ -219,12 +232,13 @@ def _step_corners(rows, cols, wy, wx, need, t):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gather_sum(spec, table, rows, cols, wy, wx, need):
+def _gather_sum(spec, table, rows, cols, wy, wx, need, gh, gw):
     """``sum over samples t < need[0] * need[1]`` of the 4 weighted corners, ``(R, oh, ow, C)`` float32.
 
     Four separate ``(R, oh, ow, C)`` gathers per step (not one ``(..., 4, C)`` gather and a reduction), so that
     XLA fuses them with the weighted sum into one pass that writes only the accumulator. ``spec``: the table's
-    static (shape, dtype name), for the backward.
+    static (shape, dtype name, backward mode), for the backward; ``gh`` / ``gw`` (R,) int32: each roi's own
+    sample grid (the weights of samples beyond it are 0), used by the compact backward.
     """
     r, oh, ow = rows.shape[0], rows.shape[1], cols.shape[1]
 
@@ -238,33 +252,76 @@ def _gather_sum(spec, table, rows, cols, wy, wx, need):
     return jax.lax.fori_loop(0, need[0] * need[1], body, zero)
 
 
-def _gather_sum_fwd(spec, table, rows, cols, wy, wx, need):
-    return _gather_sum(spec, table, rows, cols, wy, wx, need), (rows, cols, wy, wx, need)
+def _gather_sum_fwd(spec, table, rows, cols, wy, wx, need, gh, gw):
+    return _gather_sum(spec, table, rows, cols, wy, wx, need, gh, gw), (rows, cols, wy, wx, need, gh, gw)
+
+
+def _scatter_corners(grad, ry, cx, vy, vx, ct):
+    """Adds ``w * ct`` at the 4 corners of one sample of every bin: ``ry`` / ``vy`` (K, oh, 2), ``cx`` / ``vx``
+    (K, ow, 2), ``ct`` (K, oh, ow, C); mmcv's corner order."""
+    c = grad.shape[1]
+    for a in (0, 1):
+        for b in (0, 1):
+            i = ry[:, :, None, a] + cx[:, None, :, b]
+            w = vy[:, :, None, a] * vx[:, None, :, b]
+            grad = grad.at[i.reshape(-1)].add((w[..., None] * ct).reshape(-1, c), mode="clip")
+    return grad
 
 
 def _gather_sum_bwd(spec, res, ct):
-    (shape, dtype), (rows, cols, wy, wx, need) = spec, res
+    """The transpose: scatter-adds of ``w * ct`` at every used sample's 4 corners (see :func:`_pool`)."""
+    (shape, dtype, mode), (rows, cols, wy, wx, need, gh, gw) = spec, res
     ct = ct.astype(jnp.float32)
+    zero = jnp.zeros(shape, jnp.float32)
+    nones = (None,) * 8
+    if mode == "rows":  # every roi in each of the max(gh) * max(gw) steps
+        def body(t, grad):
+            idx, w = _step_corners(rows, cols, wy, wx, need, t)
+            for i, wi in zip(idx, w):
+                grad = grad.at[i.reshape(-1)].add((wi[..., None] * ct).reshape(-1, shape[1]), mode="clip")
+            return grad
 
-    def body(t, grad):
-        idx, w = _step_corners(rows, cols, wy, wx, need, t)
-        for i, wi in zip(idx, w):
-            grad = grad.at[i.reshape(-1)].add((wi[..., None] * ct).reshape(-1, shape[1]), mode="clip")
-        return grad
+        return (jax.lax.fori_loop(0, need[0] * need[1], body, zero).astype(dtype),) + nones[1:]
 
-    grad = jax.lax.fori_loop(0, need[0] * need[1], body, jnp.zeros(shape, jnp.float32))
-    return grad.astype(dtype), None, None, None, None, None
+    # Compact: the (roi, sample) pairs the rois use, roi-major, in chunks of K = R pairs. Pair j belongs to the
+    # roi whose cumulative count first exceeds j; its sample is (local // gw, local % gw) of that roi's grid.
+    r = rows.shape[0]
+    gh = jnp.maximum(gh, 0)
+    gw = jnp.maximum(gw, 0)
+    count = gh * gw
+    ends = jnp.cumsum(count)
+    total = ends[-1] if r else jnp.int32(0)
+    lane = jnp.arange(r, dtype=jnp.int32)
+    oh_i = jnp.arange(rows.shape[1])[None, :]
+    ow_i = jnp.arange(cols.shape[1])[None, :]
+
+    def body(k, grad):
+        j = k * r + lane
+        live = j < total
+        ri = jnp.minimum(jnp.searchsorted(ends, j, side="right"), r - 1).astype(jnp.int32)
+        local = j - (ends[ri] - count[ri])
+        gwr = jnp.maximum(gw[ri], 1)
+        iy, ix = local // gwr, local % gwr
+        ry = rows[ri[:, None], oh_i, iy[:, None]]  # (K, oh, 2)
+        cx = cols[ri[:, None], ow_i, ix[:, None]]  # (K, ow, 2)
+        vy = wy[ri[:, None], oh_i, iy[:, None]] * live[:, None, None].astype(jnp.float32)
+        vx = wx[ri[:, None], ow_i, ix[:, None]]
+        return _scatter_corners(grad, ry, cx, vy, vx, ct[ri])
+
+    chunks = (total + r - 1) // max(r, 1)
+    return (jax.lax.fori_loop(0, chunks, body, zero).astype(dtype),) + nones[1:]
 
 
 _gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 
 def _pool_vectorized(table, base, level_h, level_w, starts, bins, grids, out_hw: Tuple[int, int],
-                     g_max: Tuple[int, int]):
+                     g_max: Tuple[int, int], backward: str = "compact"):
     """Same result as :func:`_pool` in one gather of ``(R, oh, Gh, 2, ow, Gw, 2, C)`` and one reduction.
 
     Not used by default: unless XLA fuses the gather into the reduction (XLA:CPU does not) it materialises
-    ``16 * R * oh * ow * Gh * Gw * C`` bytes (12.8 GB for R=1000, 7x7, G=8, C=256). Kept for benchmarking.
+    ``16 * R * oh * ow * Gh * Gw * C`` bytes (12.8 GB for R=1000, 7x7, G=8, C=256). Kept for benchmarking
+    (``backward`` is ignored: its gradient is XLA's transpose of the gather).
     """
     oh, ow = out_hw
     ylo, yhi, wylo, wyhi = _axis_samples(starts[0], bins[0], grids[0], level_h, oh, g_max[0])
@@ -319,7 +376,8 @@ def _batch_index(rois, batch: int):
 
 
 def roi_align(features, rois, output_size: IntPair, spatial_scale: float, sampling_ratio: int = 0,
-              aligned: bool = True, *, max_samples: Optional[IntPair] = None) -> jnp.ndarray:
+              aligned: bool = True, *, max_samples: Optional[IntPair] = None,
+              backward: str = "compact") -> jnp.ndarray:
     """mmcv ``RoIAlign(output_size, spatial_scale, sampling_ratio, pool_mode='avg', aligned)`` on NHWC features.
 
     Args:
@@ -333,6 +391,8 @@ def roi_align(features, rois, output_size: IntPair, spatial_scale: float, sampli
       max_samples: ``G`` or ``(Gh, Gw)`` static max samples per bin axis for ``sampling_ratio == 0``; default
         :func:`default_max_samples`. Exact iff every roi's adaptive grid is ``<= (Gh, Gw)``, capped otherwise
         (module docstring).
+      backward: the gradient's scatter-adds: ``'compact'`` (default; only the samples each roi uses) or
+        ``'rows'`` (the forward's ``max(gh) * max(gw)`` steps over every roi); same values up to addition order.
 
     Returns:
       ``(R, oh, ow, C)`` in ``features.dtype`` (computed in float32). Jit-able (all arguments but ``features``,
@@ -350,11 +410,11 @@ def roi_align(features, rois, output_size: IntPair, spatial_scale: float, sampli
     else:
         g_max = _pair(max_samples, "max_samples")
     return _roi_align(features, jnp.asarray(rois), jnp.asarray(spatial_scale, jnp.float32), out_hw,
-                      int(sampling_ratio), bool(aligned), g_max)
+                      int(sampling_ratio), bool(aligned), g_max, str(backward))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _roi_align(features, rois, spatial_scale, out_hw, sampling_ratio, aligned, g_max):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _roi_align(features, rois, spatial_scale, out_hw, sampling_ratio, aligned, g_max, backward):
     b, h, w, c = features.shape
     rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
     if rois.ndim != 2 or rois.shape[1] != 5:
@@ -365,13 +425,13 @@ def _roi_align(features, rois, spatial_scale, out_hw, sampling_ratio, aligned, g
     base = _batch_index(rois, b) * (h * w)
     table = features.reshape(b * h * w, c)
     out = _pool(table, base, jnp.full((r,), h, jnp.int32), jnp.full((r,), w, jnp.int32), starts, bins, grids,
-                out_hw, g_max)
+                out_hw, g_max, backward)
     return out.astype(features.dtype)
 
 
 def multilevel_roi_align(feats: Sequence, rois, output_size: IntPair, *, strides: Sequence[int] = FPN_STRIDES,
                          finest_scale: float = 56.0, sampling_ratio: int = 0, aligned: bool = True,
-                         max_samples: Optional[IntPair] = None) -> jnp.ndarray:
+                         max_samples: Optional[IntPair] = None, backward: str = "compact") -> jnp.ndarray:
     """mmdet 2.11 ``SingleRoIExtractor`` with mmcv ``RoIAlign`` layers.
 
     Args:
@@ -384,6 +444,7 @@ def multilevel_roi_align(feats: Sequence, rois, output_size: IntPair, *, strides
       sampling_ratio, aligned: as :func:`roi_align` (mmdet: 0, True).
       max_samples: static max grid per bin axis; default ``ceil(max(4 * finest_scale / strides[0],
         coarsest level size) / out)`` per axis (module docstring for when this is exact).
+      backward: as :func:`roi_align`.
 
     Returns:
       ``(R, oh, ow, C)``; rois with no level (NaN scale, see :func:`map_roi_levels`) are zeros, as in mmdet.
@@ -406,11 +467,11 @@ def multilevel_roi_align(feats: Sequence, rois, output_size: IntPair, *, strides
     else:
         g_max = _pair(max_samples, "max_samples")
     return _multilevel_roi_align(tuple(feats), jnp.asarray(rois), out_hw, strides, float(finest_scale),
-                                 int(sampling_ratio), bool(aligned), g_max)
+                                 int(sampling_ratio), bool(aligned), g_max, str(backward))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _multilevel_roi_align(feats, rois, out_hw, strides, finest_scale, sampling_ratio, aligned, g_max):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _multilevel_roi_align(feats, rois, out_hw, strides, finest_scale, sampling_ratio, aligned, g_max, backward):
     num_levels = len(strides)
     b, c = feats[0].shape[0], feats[0].shape[3]
     level_hw = [(f.shape[1], f.shape[2]) for f in feats]
@@ -433,6 +494,6 @@ def _multilevel_roi_align(feats, rois, out_hw, strides, finest_scale, sampling_r
     base = _batch_index(rois, b) * total + jnp.asarray(offsets)[li]
     starts, bins = _roi_geometry(rois, scale, out_hw, aligned)
     grids = _grids(bins[0], bins[1], sampling_ratio, g_max)
-    out = _pool(table, base, level_h, level_w, starts, bins, grids, out_hw, g_max)
+    out = _pool(table, base, level_h, level_w, starts, bins, grids, out_hw, g_max, backward)
     out = jnp.where(has_level[:, None, None, None], out, 0.0)
     return out.astype(dtype)

@@ -304,3 +304,31 @@ def test_roi_align_edge_rois_any_max_samples():
     feats = [_feat(rng, (1, 800 // s, 1344 // s, 2)) for s in (4, 8, 16, 32)]
     got = multilevel_roi_align(feats, EDGE_ROIS[:2], out, max_samples=10)
     _close(got, ref_roi_align(feats[3], EDGE_ROIS[:2], (out, out), scale))
+
+
+@pytest.mark.parametrize("max_samples", [None, 2])
+def test_compact_backward_matches_row_backward(max_samples):
+    """The default backward scatters only the samples each roi uses; the earlier one every roi in every step of
+    the batch's largest grid. Same gradient up to addition order, for every kind of roi (edges, outside the map,
+    inverted, capped grids with max_samples=2), one level and several."""
+    rng = np.random.default_rng(7)
+    feat = jnp.asarray(_feat(rng, (2, 13, 17, 3)))
+    rois = jnp.asarray(np.concatenate([ROIS, EDGE_ROIS * np.array([1, 0.05, 0.05, 0.05, 0.05], f32)]))
+    ct = jnp.asarray(_feat(rng, (rois.shape[0], 3, 4, 3)))
+    feats = (feat, feat[:, ::2, ::2] * 2.0, feat[:, ::4, ::4] - 1.0)
+    ml_rois = rois * jnp.asarray([1, 2.0, 2.0, 2.0, 2.0], jnp.float32)
+
+    def grads(backward):
+        single = jax.grad(lambda x: jnp.sum(roi_align(x, rois, (3, 4), 0.25, max_samples=max_samples,
+                                                      backward=backward) * ct))(feat)
+        multi = jax.grad(lambda fs: jnp.sum(multilevel_roi_align(fs, ml_rois, (3, 4), strides=(4, 8, 16),
+                                                                 finest_scale=8.0, max_samples=max_samples,
+                                                                 backward=backward) * ct))(feats)
+        return [single, *multi]
+
+    compact, rows = grads("compact"), grads("rows")
+    assert any(float(jnp.abs(g).max()) > 0 for g in rows[1:])
+    for a, b in zip(compact, rows):
+        _close(a, np.asarray(b, np.float64))
+    with pytest.raises(ValueError, match="backward"):
+        roi_align(feat, rois, 3, 0.25, backward="scatter")
