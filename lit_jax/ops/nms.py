@@ -6,14 +6,14 @@ Rules reproduced from mmcv's CUDA ``nms`` kernel and ``batched_nms``:
   ``max`` over every coordinate of the candidate boxes;
 * box ``j`` is suppressed by a kept, higher-ranked box ``i`` iff ``inter > thr * (area_i + area_j - inter)``
   (strict, no ``+1``, float32; zero-area boxes therefore never suppress nor get suppressed);
-* candidates are processed in descending score order. **Ties**: we sort stably (lower input index first);
+* candidates are processed in descending score order. **Ties**: lower input index first (``lax.top_k``'s order);
   torch's CUDA sort is not stable for ties, so tied scores can come out in another order in the
   reference (this only matters for exactly equal scores);
 * a score threshold is strict (``score > thr`` passes; ``score == thr`` does not).
 
-Algorithm (exact greedy NMS, no Python loop over boxes): sort once, keep the first ``pre_nms_top_k``
-candidates, pad them to a multiple of ``tile_size`` and walk the tiles in a ``lax.while_loop``. For each
-tile, (1) boxes overlapping an already-kept box of an earlier tile are dropped (a ``K x B`` masked test),
+Algorithm (exact greedy NMS, no Python loop over boxes): select the ``pre_nms_top_k`` best candidates in order
+(a candidate scored -inf or NaN is not ordered reliably; scores here are sigmoids or softmaxes), pad them to a
+multiple of ``tile_size`` and walk the tiles in a ``lax.while_loop``. For each tile, (1) boxes overlapping an already-kept box of an earlier tile are dropped (a ``K x B`` masked test),
 (2) the tile is resolved by the fixed-point iteration ``keep = cand & ~any_{i<j}(keep_i & S_ij)`` on its
 ``B x B`` suppression matrix, whose unique fixed point is the greedy result (position ``j`` only depends on
 positions ``< j``, so the iteration converges in at most ``B`` rounds and usually in a few). The loop stops
@@ -148,10 +148,11 @@ def batched_nms(boxes: jnp.ndarray, scores: jnp.ndarray, labels: jnp.ndarray, io
 
     k = min(n, DEFAULT_PRE_NMS_TOP_K if pre_nms_top_k is None else int(pre_nms_top_k))
     k = max(k, 1)
-    # Stable sort: candidates first, then descending score, then ascending index.
-    iota = jnp.arange(n, dtype=jnp.int32)
-    _, _, order = jax.lax.sort(((~cand).astype(jnp.int32), -scores, iota), num_keys=2, is_stable=True)
-    order = order[:k]
+    # The k best candidates in descending score, ties by ascending index (``lax.top_k`` is stable: "the
+    # lower-index element appears first"); non-candidates rank below every finite score. A partial selection
+    # instead of a full sort of all N: RetinaNet's 370k (box, class) pairs 132 -> 7 ms on CPU, same order.
+    _, order = jax.lax.top_k(jnp.where(cand, scores, -jnp.inf), k)
+    order = order.astype(jnp.int32)
     tile = max(1, min(int(tile_size), k))
     kp = -(-k // tile) * tile
     sboxes = nms_boxes[order]
