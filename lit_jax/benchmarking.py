@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["preprocess_bytes", "CompileCounter", "StagedInference", "staged_inference", "TrainPart", "StagedTrain",
+__all__ = ["preprocess_bytes", "CompileWatch", "StagedInference", "staged_inference", "TrainPart", "StagedTrain",
            "staged_train", "time_rounds", "part_runner", "compare_composed", "train_breakdown",
            "format_train_breakdown"]
 
@@ -35,28 +35,28 @@ def preprocess_bytes(data: bytes, img_scale: Sequence[int], size_divisor: int = 
             tuple(int(v) for v in prepared.ori_shape))
 
 
-class CompileCounter:
-    """Counts XLA backend compilations (``jax.monitoring`` events) while active: ``with CompileCounter() as c``."""
+class CompileWatch:
+    """Counts the jax compilations (XLA backend compiles) made while active, and the seconds spent tracing,
+    lowering and compiling: ``with CompileWatch() as w: ...; w.count, w.seconds``. A cache hit counts nothing.
+    The listener is registered on entry and removed on exit, so a watch can be entered again (counts add up)."""
 
-    _EVENT = "/jax/core/compile/backend_compile_duration"
+    _COMPILE = "/jax/core/compile/backend_compile_duration"
+    _EVENTS = (_COMPILE, "/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
 
     def __init__(self):
-        self.count = 0
-        self.seconds = 0.0
-        self._on = False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        self.count, self.seconds = 0, 0.0
 
     def _listen(self, event: str, duration: float, **_):
-        if self._on and event == self._EVENT:
-            self.count += 1
+        if event in self._EVENTS:
             self.seconds += duration
+            self.count += event == self._COMPILE
 
     def __enter__(self):
-        self._on = True
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
         return self
 
     def __exit__(self, *exc):
-        self._on = False
+        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def _timed(fn: Callable, *args):

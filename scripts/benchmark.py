@@ -47,8 +47,8 @@ Each measurement appends one JSON line to ``--out`` (default ``workdir/benchmark
 git-ignored): device kind, jax / jaxlib (/ torch) versions, thread counts, load average, config and overrides,
 mode, what was timed, size, batch, dtype, and the numbers. Config keys can be overridden with
 ``--config.a.b=value``; the backbone's performance switches (``attention_impl``, ``attention_query_chunk``,
-``rel_bias_impl``, ``dcn_impl``, ``remat_policy``: see ``lit_jax.models.lit.LITTi``) may be named under
-``model.backbone_args`` even where the config file does not list them.
+``rel_bias_impl``, ``dcn_impl``, ``remat_policy``, ``mlp_token_chunk``: see ``lit_jax.models.lit.LITTi``) may be
+named under ``model.backbone_args`` even where the config file does not list them.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ MODES = ("backbone", "infer", "train")
 
 # The LIT backbone fields a benchmark may switch with --config.model.backbone_args.<name>=... (added to the config
 # with their defaults when the file does not list them).
-PERF_SWITCHES = ("attention_impl", "attention_query_chunk", "rel_bias_impl", "dcn_impl", "remat_policy")
+PERF_SWITCHES = ("attention_impl", "attention_query_chunk", "rel_bias_impl", "dcn_impl", "remat_policy",
+                 "mlp_token_chunk")
 
 
 # -- command line --------------------------------------------------------------------------------------------------
@@ -663,7 +664,7 @@ def measure_image(args, config, base: dict) -> list[dict]:
     import jax
     import numpy as np
 
-    from lit_jax.benchmarking import CompileCounter, preprocess_bytes, staged_inference
+    from lit_jax.benchmarking import CompileWatch, preprocess_bytes, staged_inference
     from lit_jax.models.registry import build_detector
 
     with open(args.image, "rb") as f:
@@ -673,7 +674,7 @@ def measure_image(args, config, base: dict) -> list[dict]:
     base = dict(base, image=os.path.abspath(args.image), ori_shape=list(ori), size=list(images.shape[1:3]), batch=1)
     print(f"image {args.image} {ori[0]}x{ori[1]} -> canvas {images.shape[1]}x{images.shape[2]}", flush=True)
     det = build_detector(config.model)
-    counter = CompileCounter()
+    counter = CompileWatch()
     with tempfile.TemporaryDirectory(prefix="lit_jax_bench_") as tmp:
         comparison = torch_reference(config, "infer", images, tmp) if args.compare_torch else None
         if comparison is not None:

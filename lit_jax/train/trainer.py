@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from lit_jax.benchmarking import CompileWatch
 from lit_jax.models.registry import build_detector
 from lit_jax.train import sharding
 from lit_jax.train.optim import build_optimizer, step_schedule_with_warmup
@@ -33,29 +34,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the checkpoint kept."""
-
-
-class CompileWatch:
-    """Counts the jax compilations (XLA backend compiles) made while active, and the seconds spent tracing,
-    lowering and compiling: ``with CompileWatch() as w: ...; w.count, w.seconds``. A cache hit counts nothing."""
-
-    _COMPILE = "/jax/core/compile/backend_compile_duration"
-    _EVENTS = (_COMPILE, "/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
-
-    def __init__(self):
-        self.count, self.seconds = 0, 0.0
-
-    def _listen(self, event: str, duration: float, **_):
-        if event in self._EVENTS:
-            self.seconds += duration
-            self.count += event == self._COMPILE
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 @flax.struct.dataclass

@@ -91,7 +91,7 @@ def test_compile_watch_counts_new_shapes_only():
     import jax
     import jax.numpy as jnp
 
-    from lit_jax.train.trainer import CompileWatch
+    from lit_jax.benchmarking import CompileWatch
 
     f = jax.jit(lambda x: x * 2)
     a, b, c, d = jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.zeros((3, 2)), jnp.zeros((4, 2))  # eager ops compile too
