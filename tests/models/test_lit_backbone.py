@@ -197,6 +197,7 @@ def test_frozen_stages_get_no_gradient_and_keep_their_statistics(name):
     assert not jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, stats[trained_bn], new_stats[trained_bn]))
 
 
+@pytest.mark.slow  # 22 s of compilation; test_lit_parity's bf16 test checks bf16 against the reference (slow too)
 def test_bfloat16_compute_stays_close_to_float32():
     name = "lit_s"
     x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 64, 96, 3)).astype(np.float32))
