@@ -83,6 +83,9 @@ def _cpu_default(value: Optional[int], cpu_value: int) -> int:
     """A chunk size switch: ``value``, or for None ``cpu_value`` when tracing for CPU and 0 elsewhere."""
     if value is None:
         return cpu_value if jax.default_backend() == "cpu" else 0
+    if int(value) < 0:
+        raise ValueError(f"a chunk size (attention_query_chunk / mlp_token_chunk) must be >= 0 (0: no chunks), "
+                         f"got {value}")
     return int(value)
 
 

@@ -210,3 +210,12 @@ def test_bfloat16_compute_stays_close_to_float32():
         assert o16.dtype == jnp.bfloat16
         rel = np.abs(np.asarray(o16, np.float32) - np.asarray(o32)).max() / np.abs(np.asarray(o32)).max()
         assert rel < 5e-2
+
+
+def test_negative_chunk_sizes_are_refused_by_name():
+    from lit_jax.models.layers import resolve_query_chunk, resolve_token_chunk
+
+    for resolve in (resolve_query_chunk, resolve_token_chunk):
+        with pytest.raises(ValueError, match="mlp_token_chunk must be >= 0|must be >= 0"):
+            resolve(-3)
+        assert resolve(0) == 0 and resolve(5) == 5
