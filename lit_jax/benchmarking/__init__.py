@@ -1,12 +1,17 @@
-"""Performance measurement of the LIT models (``scripts/benchmark.py`` is its command line).
+"""Performance measurement of the LIT models; ``scripts/benchmark.py`` is its command line.
 
-Modules, one job each:
+Modules, one job each (read them in this order):
+  harness           the benchmark modes end to end: what scripts/benchmark.py runs for its flags
+  setups            what a mode times on synthetic inputs: the backbone forward, predict, the train step
   timing            alternating timed rounds, summaries, compile time, :class:`CompileWatch`
   costs             FLOPs from XLA's cost analysis (the unchunked twin), peak memory, host RSS
+  records           the environment, one JSON record per measurement, the JSONL file, the printed line
   inference_stages  ``detector.predict`` split into separately jitted stages; image bytes -> model input
   train_stages      the Mask R-CNN loss + gradient split into separately compiled parts, timed against the whole
+  torch_reference   the PyTorch reference on the same input and weights (``--compare-torch``; torch and
+                    ``third_party`` are imported only inside its functions)
 
-Nothing here imports torch, tensorflow, tensorflow_datasets or pycocotools.
+Importing this package imports neither torch nor tensorflow, tensorflow_datasets or pycocotools.
 """
 from lit_jax.benchmarking.inference_stages import StagedInference, preprocess_bytes, staged_inference
 from lit_jax.benchmarking.timing import CompileWatch, time_rounds
