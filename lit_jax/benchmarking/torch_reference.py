@@ -20,8 +20,8 @@ from lit_jax.benchmarking.setups import backbone_args
 
 REFERENCE_MISSING = (
     "the PyTorch reference (third_party.lit_torch) lives in the source tree's third_party/, which is not installed "
-    "with lit_jax: run from the repository root with PYTHONPATH=. (e.g. PYTHONPATH=. python scripts/benchmark.py "
-    "...); torch is a test-only tool, installed by scripts/setup_env.sh")
+    "with lit_jax: run from the repository root with PYTHONPATH=. (PYTHONPATH=. python scripts/...); torch is a "
+    "test-only tool, installed by scripts/setup_env.sh")
 
 
 def import_lit_torch():
