@@ -5,8 +5,7 @@ against the PyTorch reference in the same process.
     python scripts/benchmark.py --config configs/retinanet_lit_s_fpn_1x_coco.py --mode infer --size 800x1344
     python scripts/benchmark.py --config configs/synthetic_retinanet_lit_ti.py --mode train --batch 8
     python scripts/benchmark.py --config CFG --dtype bfloat16 --config.model.backbone_args.attention_impl=cudnn
-    PYTHONPATH=. python scripts/benchmark.py --config configs/retinanet_lit_ti_fpn_1x_coco.py --mode backbone \
-        --compare-torch
+    PYTHONPATH=. python scripts/benchmark.py --config CFG --mode backbone --compare-torch   # from the repo root
 
 Modes (the config's ``model`` section builds the model; random weights, synthetic inputs):
   backbone  the backbone forward in eval mode (``train=False``); outputs: the 4 stage maps.
@@ -19,10 +18,11 @@ Modes (the config's ``model`` section builds the model; random weights, syntheti
 
 ``--compare-torch`` (backbone, infer) also times the PyTorch reference of ``third_party/lit_torch``, which is not
 installed with lit_jax: run from the repository root with ``PYTHONPATH=.``. Each measurement appends one JSON line
-to ``--out``. Config keys can be overridden with ``--config.a.b=value``; the backbone's performance switches
-(``PERF_SWITCHES``, see ``lit_jax.models.lit.LITTi``) may be named under ``model.backbone_args`` even where the
-config file does not list them. What is measured and how: ``lit_jax.benchmarking`` (harness.py) and
-docs/benchmarks.md.
+to ``--out`` (default ``workdir/benchmarks/results.jsonl``; ``workdir*`` is git-ignored). Config keys can be
+overridden with ``--config.a.b=value``; the backbone's performance switches (``attention_impl``,
+``attention_query_chunk``, ``rel_bias_impl``, ``dcn_impl``, ``remat_policy``, ``mlp_token_chunk``: see
+``lit_jax.models.lit.LITTi``) may be named under ``model.backbone_args`` even where the config file does not list
+them. What is measured and how: ``lit_jax.benchmarking.harness`` and docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,24 @@
 """The benchmark modes, end to end: what ``scripts/benchmark.py`` runs for its flags (an argparse namespace).
 
-:func:`measure` dispatches on the flags and appends the records to ``args.out``:
-  backbone / infer / train on synthetic images (:func:`measure_synthetic`): lower + compile time (no persistent
-      compilation cache unless JAX_COMPILATION_CACHE_DIR is set; recorded), warm-up steps, then ``args.steps``
-      timed steps, each ended by ``block_until_ready``: median, p10 / p90 step time, images/s, process CPU seconds
-      per step, peak memory and FLOPs per image (:mod:`~lit_jax.benchmarking.costs`), achieved FLOP/s (and MFU
-      with ``--peak-flops``);
-  infer --image (:func:`measure_image`): the whole user path on an image file (preprocessing, ``jit(predict)``,
-      mask paste, results on the host) against the same computation in separately jitted stages
-      (:mod:`~lit_jax.benchmarking.inference_stages`), with the number of XLA compilations (0 during the timed
-      rounds: no recompilation);
+:func:`measure` dispatches on the flags and appends one JSON record per measurement to ``args.out``
+(:mod:`~lit_jax.benchmarking.records`: environment, config and overrides, mode, size, batch, dtype, the numbers):
+  backbone / infer / train on synthetic images (:func:`measure_synthetic`; what each mode times:
+      :mod:`~lit_jax.benchmarking.setups`): lower + compile time (no persistent compilation cache unless
+      JAX_COMPILATION_CACHE_DIR is set; recorded), warm-up steps, then ``args.steps`` timed steps, each ended by
+      ``block_until_ready``: median, p10 / p90 step time, images/s, process CPU seconds per step, peak memory and
+      FLOPs per image (:mod:`~lit_jax.benchmarking.costs`: where they come from), achieved FLOP/s (and MFU with
+      ``--peak-flops``);
+  infer --image (:func:`measure_image`): the whole user path on an image file (preprocessing as
+      scripts/predict.py, ``jit(predict)``, the mask paste at the original size, results on the host) and the same
+      computation as separately jitted stages (:mod:`~lit_jax.benchmarking.inference_stages`), in alternating
+      rounds (/ the torch forward), with the number of XLA compilations (first call; 0 during the timed rounds
+      means no recompilation);
   train --breakdown (:func:`measure_train_breakdown`): the Mask R-CNN loss + gradient in separately compiled parts
-      (:mod:`~lit_jax.benchmarking.train_stages`) against the whole loss + gradient and the whole train step.
+      (:mod:`~lit_jax.benchmarking.train_stages`), timed with the whole loss + gradient and the whole train step,
+      and checked against them; ``--baseline KEY=VALUE`` adds a second build of the model to the same rounds.
 With ``--compare-torch`` (backbone, infer) the PyTorch reference runs on the same input and converted weights
-(:mod:`~lit_jax.benchmarking.torch_reference`; ``torch.set_num_threads`` = the cores XLA uses, ``torch.no_grad``),
-its outputs are compared and JAX and torch steps alternate round by round (:func:`compare`).
+(:mod:`~lit_jax.benchmarking.torch_reference`; ``torch.set_num_threads`` = the cores XLA uses, ``torch.no_grad``):
+the outputs are compared and JAX and torch steps alternate round by round (:func:`compare`).
 """
 from __future__ import annotations
 
