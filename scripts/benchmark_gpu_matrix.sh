@@ -14,6 +14,8 @@
 # (cuDNN attention needs bfloat16: pair it with DTYPES=bfloat16). Environment: PYTHON (default python),
 # CONFIGS / MODES / DTYPES (space-separated) to run a part, MAX_BATCH (default 64), STEPS (default 10).
 set -u
+# A GPU machine may get the working tree without lit_jax pip-installed: import it (and third_party) from here.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 OUT=${1:-workdir/benchmarks/gpu_matrix.jsonl}
 shift $(( $# > 0 ? 1 : 0 ))

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""End-to-end check of weight import, runnable on a fresh machine (needs the test tools: torch).
+"""End-to-end check of weight import, runnable on a fresh machine (needs the test tools: torch), from the
+repository root: ``PYTHONPATH=. python scripts/demo_convert.py`` (the PyTorch reference lives in third_party/,
+which is not installed with lit_jax).
 
 For LIT-Ti and LIT-S: the PyTorch reference (third_party/lit_torch) saves a random-weight ImageNet checkpoint in
 the released layout; scripts/convert_weights.py converts it to an orbax checkpoint; the converted backbone and
@@ -14,26 +16,25 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lit_jax.benchmarking.torch_reference import import_lit_torch
+from lit_jax.convert import load_variables
+from lit_jax.convert.lit import resize_bias_table
+from lit_jax.models import build_backbone
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from lit_jax.convert import load_variables  # noqa: E402
-from lit_jax.convert.lit import resize_bias_table  # noqa: E402
-from lit_jax.models import build_backbone  # noqa: E402
-from third_party.lit_torch import build_model, save_random_checkpoint  # noqa: E402
-
 jax.config.update("jax_default_matmul_precision", "highest")
 TOL = 1e-4
 
 
-def reference_detector(name: str, cls_state: dict) -> torch.nn.Module:
+def reference_detector(lit_torch, name: str, cls_state: dict):
     """The reference detection backbone loaded as the original's loaders would load the ImageNet weights."""
-    ref = build_model(name, "det").eval()
+    import torch
+
+    ref = lit_torch.build_model(name, "det").eval()
     target = ref.state_dict()
     state = {}
     for key, value in cls_state.items():
@@ -48,17 +49,24 @@ def reference_detector(name: str, cls_state: dict) -> torch.nn.Module:
 
 
 def main() -> int:
+    try:
+        lit_torch = import_lit_torch()
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("lit_ti", "lit_s"):
             src = os.path.join(tmp, f"{name}.pth")
             dst = os.path.join(tmp, f"{name}_jax")
-            save_random_checkpoint(name, src, seed=0, variant="cls", nest="model")
+            lit_torch.save_random_checkpoint(name, src, seed=0, variant="cls", nest="model")
             subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"),
                             "--model", name, "--src", src, "--dst", dst], check=True)
             model = build_backbone(name)
             variables = load_variables(dst)
-            ref = reference_detector(name, torch.load(src, weights_only=True)["model"])
+            ref = reference_detector(lit_torch, name, torch.load(src, weights_only=True)["model"])
             images = np.random.default_rng(0).standard_normal((1, 192, 320, 3)).astype(np.float32)
             outs = jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(images))
             with torch.no_grad():

@@ -16,6 +16,8 @@
 #   OUT                       output folder (default workdir/gpu_check)
 set -u
 cd "$(dirname "$0")/.."
+# The GPU machine gets the working tree without lit_jax pip-installed: import it (and third_party) from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 SIZE=${GPU_CHECK_SIZE:-800x1344}
 TINY=${GPU_CHECK_TINY:-0}

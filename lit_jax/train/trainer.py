@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lit_jax.benchmarking import CompileWatch
+from lit_jax.benchmarking.timing import CompileWatch
 from lit_jax.models.registry import build_detector
 from lit_jax.train import sharding
 from lit_jax.train.optim import build_optimizer, step_schedule_with_warmup

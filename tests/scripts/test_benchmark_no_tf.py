@@ -44,10 +44,11 @@ spec = importlib.util.spec_from_file_location("b", {script!r})
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
 args, config = b.parse_args(["--config", {config!r}, "--mode", "infer", "--size", "64x96",
                              "--config.model.backbone_args.depths=(1, 1, 1, 1)"])
+from lit_jax.benchmarking.setups import setup_infer
 from lit_jax.models.registry import build_detector
 det = build_detector(config.model)
 variables = jax.eval_shape(lambda k: det.init(k, (64, 96)), jax.random.PRNGKey(0))
-setup = b.setup_infer(config, np.zeros((1, 64, 96, 3), np.float32), variables)
+setup = setup_infer(config, np.zeros((1, 64, 96, 3), np.float32), variables)
 out = jax.eval_shape(setup.build(config), *setup.args)
 from lit_jax.train.trainer import Trainer  # train mode: the trainer and its DataConfig, without tensorflow
 trainer = Trainer(config, "/nonexistent/workdir")
@@ -64,6 +65,19 @@ def test_infer_traces_without_tf_mlc_pycocotools(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, ALL), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "traced" in r.stdout, r.stderr[-3000:]
+
+
+def test_library_imports_without_torch_tf_pycocotools(tmp_path):
+    """Every module of lit_jax.benchmarking imports with torch, the PyTorch reference and the three blocked; the
+    torch comparison says where the reference lives instead of failing deep inside."""
+    code = ("import pkgutil, importlib, lit_jax.benchmarking as b\n"
+            "for m in pkgutil.iter_modules(b.__path__): importlib.import_module('lit_jax.benchmarking.' + m.name)\n"
+            "from lit_jax.benchmarking.torch_reference import import_lit_torch\n"
+            "import_lit_torch()\n")
+    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, ALL + ("torch", "third_party")),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ImportError: the PyTorch reference" in r.stderr, r.stderr[-3000:]
+    assert "PYTHONPATH=." in r.stderr and "scripts/setup_env.sh" in r.stderr
 
 
 @pytest.mark.slow  # ~30-45 s: compiles predict
