@@ -13,6 +13,9 @@ import json
 import logging
 import math
 import os
+import queue
+import shutil
+import threading
 import time
 from typing import Any, Optional
 
@@ -526,9 +529,6 @@ class DataIterator:
         return min(ends) if ends else step + (1 << 30)
 
     def _start(self) -> None:
-        import queue
-        import threading
-
         self._queue = queue.Queue(maxsize=self._prefetch)
         self._cond = threading.Condition()
         self._allowed = self._next_boundary(self._consumed)
@@ -553,7 +553,7 @@ class DataIterator:
                 try:
                     self._queue.put(item, timeout=0.5)
                     break
-                except Exception:
+                except queue.Full:
                     if self._closed:
                         return
 
@@ -583,8 +583,6 @@ class DataIterator:
         # Keep the positions of the last few checkpoints only.
         steps = sorted(int(d.split("_")[1]) for d in os.listdir(self.directory) if d.startswith("step_"))
         for old in steps[:-5]:
-            import shutil
-
             shutil.rmtree(os.path.join(self.directory, f"step_{old}"), ignore_errors=True)
         if self._thread is not None:
             with self._cond:

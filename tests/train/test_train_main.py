@@ -306,3 +306,32 @@ def test_prefetching_iterator_yields_the_same_batches_and_saves_exact_positions(
     got += ids(resumed, 2)
     resumed.close()
     assert got[:4] == want[:4] and got[4:] == want[3:5]
+
+
+def test_prefetch_thread_ends_on_close_while_waiting_on_a_full_queue(tmp_path):
+    """close() stops a producer that is waiting to put into a full queue (its timed put raises queue.Full, which
+    is the only error that loop handles), and the thread is gone."""
+    import time
+    import types
+
+    import numpy as np
+    import tensorflow as tf
+
+    from lit_jax.train import sharding
+    from lit_jax.train.trainer import DataIterator
+
+    ds = tf.data.Dataset.from_tensor_slices({"image_id": np.arange(64, dtype=np.int64).reshape(32, 2)}).repeat()
+    it = DataIterator(types.SimpleNamespace(dataset=ds), sharding.make_mesh(), str(tmp_path), prefetch=1)
+    assert np.asarray(next(it)["image_id"]).tolist() == [0, 1]
+    deadline = time.time() + 30
+    while it._produced < 3 and time.time() < deadline:  # batch 2 fills the one slot; batch 3 waits on it
+        time.sleep(0.05)
+    assert it._produced == 3 and it._queue.full()
+    time.sleep(1.2)  # two or more timed puts of batch 3 have failed with queue.Full: the producer is still waiting
+    assert it._thread.is_alive()
+    assert [np.asarray(next(it)["image_id"]).tolist() for _ in range(2)] == [[2, 3], [4, 5]]
+    deadline = time.time() + 30
+    while it._produced < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    it.close()
+    assert not it._thread.is_alive()
