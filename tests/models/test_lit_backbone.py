@@ -114,7 +114,8 @@ REMAT = [
     pytest.param(name, args, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in args.items())}", marks=marks)
     for name in ("lit_ti", "lit_s")
     for args, marks in [
-        (dict(use_checkpoint=True), ()),
+        # LIT-S remat stays in the default suite through dots_with_no_batch_dims_saveable (~30 s each on 2 cores)
+        (dict(use_checkpoint=True), () if name == "lit_ti" else pytest.mark.slow),
         (dict(remat_policy="dots_with_no_batch_dims_saveable"), () if name == "lit_s" else pytest.mark.slow),
         (dict(remat_policy="dots_saveable"), pytest.mark.slow),
     ]

@@ -44,6 +44,7 @@ def _batch(canvas=(256, 384)):
     }
 
 
+@pytest.mark.slow  # ~45-60 s on 2 cores; the training entry point's tests cover optimisation in the default suite
 def test_fifty_adamw_steps_drive_the_loss_down_five_fold():
     det = build_detector(SMALL)
     batch = _batch()

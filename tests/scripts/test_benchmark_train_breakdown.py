@@ -55,6 +55,7 @@ def _setup():
     return det, variables, batch
 
 
+@pytest.mark.slow  # ~50-65 s on 2 cores (compiles every part forward and backward); the default suite stays near 20 min
 def test_staged_parts_compose_to_the_trainers_loss_and_gradient():
     det, variables, batch = _setup()
     key = jax.random.PRNGKey(5)
