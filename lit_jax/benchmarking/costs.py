@@ -1,6 +1,6 @@
 """What a compiled function costs besides time: FLOPs from XLA's cost analysis, and peak memory.
 
-XLA's cost analysis counts a loop body once. When the attention runs over query chunks (a ``lax.map``),
+XLA's cost analysis counts a loop body once. When the backbone runs over query or token chunks (``lax.map``),
 :func:`count_flops` counts the same model without chunking, lowered (the source is returned with the count);
 data-dependent loops (NMS, RoIAlign's sample grid) are counted once either way.
 """
@@ -21,33 +21,36 @@ def flops_of(executable) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def chunking_active(config, hw: tuple[int, int]) -> bool:
-    """Whether some attention stage runs over query chunks (a loop XLA's cost analysis counts once)."""
-    from lit_jax.models.layers import resolve_query_chunk
+def chunking_active(config) -> bool:
+    """Whether the backbone may run a loop XLA's cost analysis counts once: the einsum attention over query chunks
+    or the blocks' LayerNorm + MLP over token chunks (either switch resolved to a nonzero chunk for this backend)."""
+    from lit_jax.models.layers import resolve_query_chunk, resolve_token_chunk
 
     args = config.model.backbone_args
-    if args.get("attention_impl", "einsum") != "einsum":
-        return False
-    chunk = resolve_query_chunk(args.get("attention_query_chunk", None))
-    # Attention runs at strides 16 and 32 in both backbones; the largest grid is stride 16's.
-    return bool(chunk) and (hw[0] // 16) * (hw[1] // 16) > chunk
+    attention = args.get("attention_impl", "einsum") == "einsum" and resolve_query_chunk(
+        args.get("attention_query_chunk", None))
+    return bool(attention) or bool(resolve_token_chunk(args.get("mlp_token_chunk", None)))
 
 
 def unchunked(config):
-    """A copy of ``config`` whose attention runs without query chunks (for counting FLOPs)."""
+    """A copy of ``config`` whose backbone runs without query or token chunks (for counting FLOPs)."""
     twin = config.copy_and_resolve_references()
     twin.model.backbone_args.attention_query_chunk = 0
+    twin.model.backbone_args.mlp_token_chunk = 0
     return twin
 
 
-def count_flops(compiled, build, config, hw, args: tuple) -> tuple[float, str]:
+def count_flops(compiled, build, config, args: tuple) -> tuple[float, str]:
     """FLOPs per call of ``compiled`` (built by ``build(config)``, called on ``args``) and their source."""
-    if not chunking_active(config, hw):
+    if not chunking_active(config):
         return flops_of(compiled), "compiled.cost_analysis()"
     # Lowered, not compiled: the pre-optimisation count is within 1% of the compiled one for the backbones
     # (308.48 vs 308.49 GFLOP LIT-Ti, 356.5 vs 353.8 LIT-S at 800x1344) and saves a second compilation.
     twin = build(unchunked(config)).lower(*args)
-    return flops_of(twin), "lowered cost_analysis() of the same model without attention query chunks"
+    return flops_of(twin), UNCHUNKED_SOURCE
+
+
+UNCHUNKED_SOURCE = "lowered cost_analysis() of the same model without attention query chunks or MLP token chunks"
 
 
 def peak_memory(compiled) -> tuple[Optional[int], str]:

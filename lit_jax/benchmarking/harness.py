@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lit_jax.benchmarking.costs import count_flops, flops_of, host_rss_peak, peak_memory
+from lit_jax.benchmarking.costs import chunking_active, count_flops, flops_of, host_rss_peak, peak_memory, unchunked
 from lit_jax.benchmarking.inference_stages import preprocess_bytes, staged_inference
 from lit_jax.benchmarking.records import append_jsonl, describe, record, run_settings
 from lit_jax.benchmarking.setups import (Setup, parse_size, setup_backbone, setup_infer, setup_train,
@@ -109,8 +109,8 @@ def measure_synthetic(args, config, base: dict, hw, batch: int, rng) -> list[dic
         else:
             setup = setup_train(config, images, rng)
 
-        compiled, lower_s, compile_s = compile_timed(setup.build(config), *setup.args)
-        flops, flops_source = count_flops(compiled, setup.build, config, hw, setup.args)
+        compiled, lower_s, compile_s = compile_timed(setup.jitted, *setup.args)
+        flops, flops_source = count_flops(compiled, setup.build, config, setup.args)
         state = {"args": setup.args}
 
         def jax_step():
@@ -128,7 +128,7 @@ def measure_synthetic(args, config, base: dict, hw, batch: int, rng) -> list[dic
         print(describe(records[-1]), flush=True)
         if comparison is not None:
             main = (compiled, lower_s + compile_s, flops, flops_source) if comparison.build_jax is None else None
-            records += compare(comparison, config, hw, base, args, setup, main)
+            records += compare(comparison, config, base, args, setup, main)
     return records
 
 
@@ -143,7 +143,6 @@ def measure_image(args, config, base: dict) -> list[dict]:
     base = dict(base, image=os.path.abspath(args.image), ori_shape=list(ori), size=list(images.shape[1:3]), batch=1)
     print(f"image {args.image} {ori[0]}x{ori[1]} -> canvas {images.shape[1]}x{images.shape[2]}", flush=True)
     det = build_detector(config.model)
-    counter = CompileWatch()
     with tempfile.TemporaryDirectory(prefix="lit_jax_bench_") as tmp:
         comparison = torch_reference(config, "infer", images, tmp) if args.compare_torch else None
         if comparison is not None:
@@ -172,11 +171,11 @@ def measure_image(args, config, base: dict) -> list[dict]:
                 stage_times.setdefault(name, []).append(t)
             return host
 
-        with counter:
+        with CompileWatch() as first_watch:
             t0 = time.perf_counter()
             first = end_to_end()
             first_s = time.perf_counter() - t0
-        compiles_first = counter.count
+        compiles_first = first_watch.count
         staged_first = stages()
         stage_times.clear()
         for k in ("boxes", "scores", "valid"):  # the stages compute what predict computes
@@ -190,8 +189,7 @@ def measure_image(args, config, base: dict) -> list[dict]:
                 with torch.no_grad():
                     comparison.torch_fn()
             runners["torch"] = torch_step
-        counter.count = 0
-        with counter:
+        with CompileWatch() as rounds_watch:
             timing = run_rounds(runners, args.steps, args.warmup)
     share_total = sum(statistics.median(v) for v in stage_times.values())
     breakdown = {k: {"median_s": statistics.median(v), "share": statistics.median(v) / share_total}
@@ -199,11 +197,11 @@ def measure_image(args, config, base: dict) -> list[dict]:
     paste = " -> mask paste" if "masks" in first else ""
     what = f"end to end: image file -> preprocess -> jit(predict){paste} -> host"
     extra = dict(first_call_s=first_s, compiled_functions_first_call=compiles_first,
-                 compilations_during_rounds=counter.count, stages=breakdown, stages_sum_s=share_total,
+                 compilations_during_rounds=rounds_watch.count, stages=breakdown, stages_sum_s=share_total,
                  detections=int(first["valid"].sum()))
     recs = [record(base, "jax", what, timing["jax"], 1, **extra)]
     print(describe(recs[-1]), flush=True)
-    print(f"first call {first_s:.1f} s, {compiles_first} compiled functions; {counter.count} compilations during "
+    print(f"first call {first_s:.1f} s, {compiles_first} compiled functions; {rounds_watch.count} compilations during "
           f"the timed rounds", flush=True)
     print(f"stages (separately jitted, medians; sum {share_total:.3f} s):", flush=True)
     for k, v in breakdown.items():
@@ -224,19 +222,20 @@ def measure_train_breakdown(args, config, base: dict, hw, batch: int, rng) -> li
         raise SystemExit(f"error: --breakdown splits the Mask R-CNN train step; {args.config} builds a "
                          f"{config.model.get('type', 'retinanet')} (time its whole train step without --breakdown)")
     setup = setup_train(config, synthetic_images(rng, batch, hw), rng)
-    compiled_step, lower_s, compile_s = compile_timed(setup.build(config), *setup.args)
+    compiled_step, lower_s, compile_s = compile_timed(setup.jitted, *setup.args)
     state, data = setup.args
     # The train step donates the state: the parts and the whole loss get their own copy of the variables.
     params = jax.tree_util.tree_map(jnp.copy, state.params)
     batch_stats = jax.tree_util.tree_map(jnp.copy, state.batch_stats)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)  # the train step's first key
     variables = {"params": params, "batch_stats": batch_stats}
+    flops_det = _flops_detector(config)
     t0 = time.perf_counter()
-    staged = staged_train(setup.detector, variables, data, key)
+    staged = staged_train(setup.detector, variables, data, key, flops_det=flops_det)
     parts_compile_s = time.perf_counter() - t0
     whole, w_lower, w_compile = compile_timed(jax.jit(staged.whole()), params, batch_stats)
-    whole_flops = flops_of(whole)
-    step_flops = flops_of(compiled_step)
+    whole_flops = _whole_flops(staged, whole, flops_det, params, batch_stats)
+    step_flops = count_flops(compiled_step, setup.build, config, setup.args)[0]
     baseline = _baseline(args.baseline, config, variables, data, key) if args.baseline else None
     check = compare_composed(staged, whole, params, batch_stats)
     print(f"parts composed vs the whole loss + grad: loss {check['loss']:.6f}, rel diff {check['loss_rel_diff']:.1e}; "
@@ -270,7 +269,6 @@ def _baseline(overrides: list[str], config, variables: dict, data: dict, key) ->
     import copy
 
     from lit_jax.config import apply_override
-    from lit_jax.train.trainer import Trainer
 
     b_config = copy.deepcopy(config)
     for item in overrides:
@@ -278,16 +276,36 @@ def _baseline(overrides: list[str], config, variables: dict, data: dict, key) ->
         if not sep:
             raise SystemExit(f"error: --baseline takes KEY=VALUE, got {item!r}")
         apply_override(b_config, dotted, text)
-    b_det = Trainer(b_config, tempfile.mkdtemp(prefix="lit_jax_bench_")).detector  # as the trainer builds it
-    b_staged = staged_train(b_det, variables, data, key)
+    flops_det = _flops_detector(b_config)
+    b_staged = staged_train(_trainer_detector(b_config), variables, data, key, flops_det=flops_det)
     params, batch_stats = variables["params"], variables["batch_stats"]
     b_whole = compile_timed(jax.jit(b_staged.whole()), params, batch_stats)[0]
     b_check = compare_composed(b_staged, b_whole, params, batch_stats)
     print(f"baseline ({', '.join(overrides)}): loss {b_check['loss']:.6f}", flush=True)
-    return b_staged, b_whole, flops_of(b_whole)
+    return b_staged, b_whole, _whole_flops(b_staged, b_whole, flops_det, params, batch_stats)
 
 
-def compare(cmp: TorchComparison, config, hw, base: dict, args, setup: Setup, main=None) -> list[dict]:
+def _trainer_detector(config):
+    """The detector as the trainer builds it from ``config``."""
+    from lit_jax.train.trainer import Trainer
+
+    return Trainer(config, tempfile.mkdtemp(prefix="lit_jax_bench_")).detector
+
+
+def _flops_detector(config):
+    """The detector without the backbone's chunk loops, to count FLOPs XLA would count once per loop (None when
+    ``config`` runs no chunk loop)."""
+    return _trainer_detector(unchunked(config)) if chunking_active(config) else None
+
+
+def _whole_flops(staged, whole_compiled, flops_det, params, batch_stats) -> float:
+    """FLOPs of the whole loss + gradient: lowered on ``flops_det`` when given, else the compiled one's."""
+    if flops_det is None:
+        return flops_of(whole_compiled)
+    return flops_of(jax.jit(staged.whole(flops_det)).lower(params, batch_stats))
+
+
+def compare(cmp: TorchComparison, config, base: dict, args, setup: Setup, main=None) -> list[dict]:
     """JAX vs torch on the same input, alternating rounds; returns the two records with the ratio.
 
     ``main``: ``(compiled, compile seconds, flops, flops source)`` of the measured function when the comparison
@@ -300,7 +318,7 @@ def compare(cmp: TorchComparison, config, hw, base: dict, args, setup: Setup, ma
         build = cmp.build_jax
         compiled, lower_s, compile_s = compile_timed(build(config), *jax_args)
         compile_total = lower_s + compile_s
-        flops, flops_source = count_flops(compiled, build, config, hw, jax_args)
+        flops, flops_source = count_flops(compiled, build, config, jax_args)
     else:
         compiled, compile_total, flops, flops_source = main
     jax_out = cmp.to_flat(jax.device_get(compiled(*jax_args)))

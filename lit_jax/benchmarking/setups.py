@@ -15,12 +15,15 @@ import numpy as np
 
 
 class Setup:
-    """What one mode times: ``build(config)`` gives the jitted function, called as ``jitted(*args)``; ``what``
-    says what it computes; ``detector``: the detector whose loss the train step differentiates (train mode)."""
+    """What one mode times: ``jitted(*args)``, the function ``build(config)`` gave for the setup's config
+    (``build`` is kept to build it again from a modified config); ``what`` says what it computes; ``detector``:
+    the detector whose loss the train step differentiates (train mode)."""
 
-    def __init__(self, what: str, build: Callable[[Any], Any], args: tuple, images_per_step: int, detector=None):
+    def __init__(self, what: str, build: Callable[[Any], Any], jitted, args: tuple, images_per_step: int,
+                 detector=None):
         self.what = what
         self.build = build
+        self.jitted = jitted
         self.args = args
         self.images_per_step = images_per_step
         self.detector = detector
@@ -55,14 +58,17 @@ def setup_backbone(config, images, variables=None) -> Setup:
     """The backbone's eval forward on ``images`` ``(B, H, W, 3)`` (random init unless ``variables``)."""
     from lit_jax.models.registry import build_backbone
 
+    def module_of(cfg):
+        return build_backbone(cfg.model.backbone, **backbone_args(cfg))
+
     def build(cfg):
-        module = build_backbone(cfg.model.backbone, **backbone_args(cfg))
+        module = module_of(cfg)
         return jax.jit(lambda v, x: module.apply(v, x, train=False))
 
-    module = build_backbone(config.model.backbone, **backbone_args(config))
     if variables is None:  # parameter shapes do not depend on the image size
-        variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3), jnp.float32))
-    return Setup("backbone forward (eval)", build, (variables, jax.device_put(images)), images.shape[0])
+        variables = jax.jit(module_of(config).init)(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3), jnp.float32))
+    return Setup("backbone forward (eval)", build, build(config), (variables, jax.device_put(images)),
+                 images.shape[0])
 
 
 def setup_infer(config, images, variables=None) -> Setup:
@@ -83,7 +89,7 @@ def setup_infer(config, images, variables=None) -> Setup:
     batch, hw = images.shape[0], images.shape[1:3]
     img_shape = jax.device_put(np.tile(np.asarray([hw], np.float32), (batch, 1)))
     scale_factor = jax.device_put(np.ones((batch, 4), np.float32))
-    return Setup("detector.predict (eval, with post-processing)", build,
+    return Setup("detector.predict (eval, with post-processing)", build, build(config),
                  (variables, jax.device_put(images), img_shape, scale_factor), batch)
 
 
@@ -137,12 +143,12 @@ def setup_train(config, images, rng) -> Setup:
         tx = build_optimizer(cfg.optimizer.to_dict(), schedule)
         return trainer, tx, trainer.make_train_step(tx, schedule)
 
-    trainer, tx, _ = build(config)
+    trainer, tx, step = build(config)
     state = trainer.init_state(tx)
     keys = getattr(trainer.detector, "train_batch_keys", ("images", "gt_boxes", "gt_labels", "gt_valid", "pad_shape"))
     host = synthetic_train_batch(rng, batch, hw, int(config.data.get("max_instances", 100)),
                                  int(config.model.num_classes), keys, int(config.data.get("mask_size", 56)))
     host["images"] = images
     data = jax.device_put(host, sharding.data_sharded(trainer.mesh))
-    return Setup("train step (forward, backward, AdamW update; state donated)", lambda cfg: build(cfg)[2],
+    return Setup("train step (forward, backward, AdamW update; state donated)", lambda cfg: build(cfg)[2], step,
                  (state, data), batch, detector=trainer.detector)

@@ -22,7 +22,8 @@ class TrainPart(NamedTuple):
 
     ``fn`` is a compiled executable, called as ``fn(*args)`` (the args are the part's real inputs, produced by the
     parts before it); ``flops`` from its ``cost_analysis()`` (XLA counts a loop body once: RoIAlign's sample loop
-    and the NMS loops are undercounted); ``kind`` is ``'fwd'``, ``'fwd+bwd'`` (a ``vjp``: forward recomputed, then
+    and the NMS loops are undercounted; the backbone's chunk loops are not, when :func:`staged_train` is given an
+    unchunked twin); ``kind`` is ``'fwd'``, ``'fwd+bwd'`` (a ``vjp``: forward recomputed, then
     the backward) or ``'no grad'``; ``in_total``: the part belongs to the partition of ``jit(value_and_grad(loss))``
     (the ``'fwd+bwd'`` and ``'no grad'`` parts; a ``'fwd'`` part is shown for its forward share only).
     """
@@ -43,16 +44,18 @@ class StagedTrain:
     up to float summation order (tested in ``tests/scripts/test_benchmark_train_breakdown.py``).
     """
 
-    def __init__(self, det, variables, batch, rng):
+    def __init__(self, det, variables, batch, rng, flops_det=None):
         self.det = det
+        self.flops_det = flops_det
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
         self.rng = rng
         self._build(variables)
 
-    # Each function below is one part; ``_compile`` lowers it on its real arguments once.
-    def _compile(self, fn, *args):
+    # Each function below is one part; ``_compile`` lowers it on its real arguments once. ``flops_fn``: the same
+    # part built on ``flops_det`` (no chunk loops), lowered only to count its FLOPs.
+    def _compile(self, fn, *args, flops_fn=None):
         compiled = jax.jit(fn).lower(*args).compile()
-        return compiled, flops_of(compiled)
+        return compiled, flops_of(jax.jit(flops_fn).lower(*args) if flops_fn is not None else compiled)
 
     def _build(self, variables):
         from lit_jax.models.mask_rcnn import MaskRCNNModule
@@ -64,11 +67,15 @@ class StagedTrain:
         self.keys = (k_drop, k_rpn, k_roi)
         mod = det.module
 
-        def backbone(p, bs, images, key):
-            out, upd = mod.apply({"params": {"backbone": p}, "batch_stats": bs}, images,
-                                 method=lambda m, x: m.backbone(x, train=True), mutable=["batch_stats"],
-                                 rngs={"dropout": key})
-            return out, upd["batch_stats"]
+        def backbone_of(module):
+            def backbone(p, bs, images, key):
+                out, upd = module.apply({"params": {"backbone": p}, "batch_stats": bs}, images,
+                                        method=lambda m, x: m.backbone(x, train=True), mutable=["batch_stats"],
+                                        rngs={"dropout": key})
+                return out, upd["batch_stats"]
+            return backbone
+
+        backbone = backbone_of(mod)
 
         def neck(p, c):
             return mod.apply({"params": {"neck": p}}, c, method=lambda m, x: m.neck(x))
@@ -117,13 +124,18 @@ class StagedTrain:
             bbox_rois=det.bbox_train_rois, mask_rois=det.mask_train_rois,
         )
         self.losses_vg = jax.value_and_grad(losses, argnums=(0, 1, 2, 3, 4), has_aux=True)
+        # The backbone is the only part with chunk loops (LIT's query and token chunks).
+        self.flops_fns = {}
+        if self.flops_det is not None:
+            twin = backbone_of(self.flops_det.module)
+            self.flops_fns = {"bb": twin, "bb_vjp": vjp_of(twin, 1, has_aux=True)}
         self.compiled = {}
         self.parts = []
         self._run(variables["params"], variables.get("batch_stats", {}), record=True)
 
     def _call(self, key, fn, *args, record=False, name=None, kind="fwd", in_total=False):
         if key not in self.compiled:
-            self.compiled[key] = self._compile(fn, *args)
+            self.compiled[key] = self._compile(fn, *args, flops_fn=self.flops_fns.get(key))
         compiled, flops = self.compiled[key]
         if record and name is not None:
             self.parts.append(TrainPart(name, compiled, args, flops, kind, in_total))
@@ -185,10 +197,11 @@ class StagedTrain:
         """``(total, terms, grads, new batch_stats)`` composed from the compiled parts (same batch and rng)."""
         return self._run(params, batch_stats)
 
-    def whole(self):
+    def whole(self, det=None):
         """The uncut ``value_and_grad(detector.loss)`` on the same batch and rng, as a function of
-        ``(params, batch_stats)`` (jit it to compare or time it)."""
-        det, batch, rng = self.det, self.batch, self.rng
+        ``(params, batch_stats)`` (jit it to compare or time it); ``det``: another build of the detector (default:
+        this one's)."""
+        det, batch, rng = det or self.det, self.batch, self.rng
 
         def loss_and_grad(params, batch_stats):
             return jax.value_and_grad(lambda p: det.loss({"params": p, "batch_stats": batch_stats}, batch, rng),
@@ -197,15 +210,17 @@ class StagedTrain:
         return loss_and_grad
 
 
-def staged_train(det, variables, batch, rng) -> StagedTrain:
+def staged_train(det, variables, batch, rng, flops_det=None) -> StagedTrain:
     """The Mask R-CNN training loss (:meth:`lit_jax.models.mask_rcnn.MaskRCNN.loss`) on ``batch`` split into
     separately compiled parts: backbone, FPN, RPN head (forward, and forward+backward as a ``vjp``), RPN targets,
     proposals, RoI assign + sample, bbox RoIAlign 7x7 (forward, forward+backward), box head, mask targets, mask
     RoIAlign 14x14, mask head, losses. Compiles every part once and runs it once to produce the next part's inputs.
+    ``flops_det``: the same detector built without chunk loops (``benchmarking.costs.unchunked``), whose backbone
+    parts are lowered to count FLOPs that XLA would count once per loop in ``det``'s.
     """
     if not hasattr(det, "rpn_train_targets"):
         raise ValueError(f"the train-step breakdown is for Mask R-CNN; got {type(det).__name__}")
-    return StagedTrain(det, variables, batch, rng)
+    return StagedTrain(det, variables, batch, rng, flops_det)
 
 
 def part_runner(part: TrainPart) -> Callable[[], object]:
