@@ -82,6 +82,13 @@ def parse_args(argv=None):
         config.model.dtype = args.dtype
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    from lit_jax.models.layers import resolve_query_chunk, resolve_token_chunk
+
+    try:  # the backbone checks the chunk switches while tracing; say it here, before anything compiles
+        resolve_query_chunk(config.model.backbone_args.attention_query_chunk)
+        resolve_token_chunk(config.model.backbone_args.mlp_token_chunk)
+    except ValueError as err:
+        p.error(str(err))
     args.overrides = [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--config.")]
     return args, config
 

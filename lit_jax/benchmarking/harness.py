@@ -136,10 +136,15 @@ def measure_image(args, config, base: dict) -> list[dict]:
     """``--mode infer --image``: end to end vs the staged breakdown (vs the torch forward), alternating rounds."""
     from lit_jax.models.registry import build_detector
 
+    if not os.path.isfile(args.image):
+        raise SystemExit(f"error: --image {args.image} does not exist")
     with open(args.image, "rb") as f:
         data = f.read()
     img_scale = tuple(int(v) for v in config.data.img_scale)
-    images, img_shape, scale_factor, ori = preprocess_bytes(data, img_scale, name=args.image)
+    try:  # an undecodable file: decode_bgr's ValueError names it
+        images, img_shape, scale_factor, ori = preprocess_bytes(data, img_scale, name=args.image)
+    except ValueError as err:
+        raise SystemExit(f"error: --image: {err}") from None
     base = dict(base, image=os.path.abspath(args.image), ori_shape=list(ori), size=list(images.shape[1:3]), batch=1)
     print(f"image {args.image} {ori[0]}x{ori[1]} -> canvas {images.shape[1]}x{images.shape[2]}", flush=True)
     det = build_detector(config.model)

@@ -91,3 +91,21 @@ def test_infer_image_end_to_end_with_stage_breakdown(tmp_path, capsys, config):
     assert set(stages) == expected
     assert sum(s["share"] for s in stages.values()) == pytest.approx(1.0)
     assert "compiled functions" in capsys.readouterr().out
+
+
+def test_bad_image_and_negative_chunk_are_one_error_line(tmp_path, capsys):
+    """A missing or undecodable --image and a negative chunk switch stop with one `error:` line naming the file or
+    value, before anything compiles and without a record."""
+    script, out = _script(), str(tmp_path / "r.jsonl")
+    synth = os.path.join(ROOT, "configs", "synthetic_retinanet_lit_ti.py")
+    missing = str(tmp_path / "missing.jpg")
+    assert script.main(["--config", synth, "--mode", "infer", "--image", missing, "--out", out]) == 2
+    assert f"error: --image {missing} does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert script.main(["--config", synth, "--mode", "infer", "--image", str(broken), "--out", out]) == 2
+    assert f"error: --image: image {broken} (12 bytes) does not decode" in capsys.readouterr().err
+    assert script.main(["--config", synth, "--config.model.backbone_args.mlp_token_chunk=-4", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "error: a chunk size (attention_query_chunk / mlp_token_chunk) must be >= 0" in err and "-4" in err
+    assert not os.path.exists(out)
